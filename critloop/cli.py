@@ -1,0 +1,197 @@
+"""The ``critloop`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from critloop.errors import CritloopError
+
+app = typer.Typer(
+    name="critloop", help="Self-correcting LLM math reasoning.", no_args_is_help=True, add_completion=False
+)
+sandbox_app = typer.Typer(help="The Python code sandbox (Docker image, containers).", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from critloop import __version__
+
+        console.print(__version__)
+        raise typer.Exit()
+
+
+@sandbox_app.command("build")
+def sandbox_build(
+    route: Annotated[
+        str, typer.Option(help="auto | dockerfile (pull python:3.12-slim) | debootstrap (offline)")
+    ] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the image exists.")] = False,
+) -> None:
+    """Build the sandbox image for this version of critloop."""
+    from critloop.sandbox.docker_backend import docker_client
+    from critloop.sandbox.image import build_image
+
+    if route not in ("auto", "dockerfile", "debootstrap"):
+        raise _fail(f"--route must be auto, dockerfile or debootstrap, not {route!r}", 2)
+    try:
+        tag = build_image(
+            docker_client(), route=route, force=force, progress=lambda line: err.print(f"[dim]{line}[/]")  # type: ignore[arg-type]
+        )
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    console.print(tag)
+
+
+def _status() -> dict[str, Any]:
+    import docker
+
+    from critloop.sandbox.docker_backend import LABEL, _owner_alive, docker_client
+    from critloop.sandbox.image import image_tag
+
+    tag = image_tag()
+    report: dict[str, Any] = {
+        "engine": {"reachable": False},
+        "image": {"name": tag, "present": False},
+        "containers": [],
+    }
+    try:
+        client = docker_client(timeout=5)
+    except CritloopError as exc:
+        report["engine"]["error"] = str(exc)
+        return report
+    report["engine"] = {"reachable": True, "version": client.version().get("Version")}
+    try:
+        image = client.images.get(tag)
+        report["image"].update(present=True, id=image.short_id, size_mb=round(image.attrs["Size"] / 2**20))
+    except docker.errors.ImageNotFound:
+        pass
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        labels = container.labels
+        report["containers"].append(
+            {
+                "name": container.name,
+                "status": container.status,
+                "owner_pid": labels.get("io.critloop.owner.pid"),
+                "orphan": not _owner_alive(labels),
+            }
+        )
+    return report
+
+
+@sandbox_app.command("status")
+def sandbox_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Engine, image, and critloop's containers (pools and orphans). Exits 0 only when the
+    engine answers and the image exists."""
+    report = _status()
+    healthy = report["engine"]["reachable"] and report["image"]["present"]
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        engine = report["engine"]
+        console.print(
+            "engine:  "
+            + (f"[green]reachable[/] (Docker {engine['version']})" if engine["reachable"] else f"[red]unreachable[/] — {engine.get('error')}")
+        )
+        image = report["image"]
+        console.print(
+            f"image:   {image['name']} "
+            + (f"[green]present[/] ({image['size_mb']} MB)" if image["present"] else "[red]missing[/] — run `critloop sandbox build`")
+        )
+        containers = report["containers"]
+        orphans = sum(c["orphan"] for c in containers)
+        console.print(f"pools:   {len(containers) - orphans} live containers; orphans: {orphans}")
+        if containers:
+            table = Table("container", "status", "owner pid", "orphan")
+            for c in containers:
+                table.add_row(c["name"], c["status"], str(c["owner_pid"]), "yes" if c["orphan"] else "")
+            console.print(table)
+    raise typer.Exit(0 if healthy else 1)
+
+
+@sandbox_app.command("clean")
+def sandbox_clean(
+    everything: Annotated[
+        bool, typer.Option("--all", help="Remove every critloop container, not only orphans.")
+    ] = False,
+) -> None:
+    """Remove orphaned sandbox containers (their owner process is gone)."""
+    from critloop.sandbox.docker_backend import docker_client, reap_orphans
+
+    try:
+        report = reap_orphans(docker_client(), everything=everything)
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"removed {len(report.removed)} of {report.ours} critloop containers")
+
+
+@sandbox_app.command("exec")
+def sandbox_exec(
+    code: Annotated[str | None, typer.Argument(help="Python code; omit to read --file or stdin.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the code from this file.")] = None,
+    backend: Annotated[str, typer.Option(help="auto | docker | local")] = "auto",
+    timeout: Annotated[float, typer.Option(help="Seconds before the run is stopped.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
+) -> None:
+    """Run Python code in a fresh sandbox session and print its output."""
+    from critloop.sandbox import SandboxConfig, SandboxPool
+
+    if file is not None:
+        try:
+            source = file.read_text()
+        except OSError as exc:
+            raise _fail(f"cannot read {file}: {exc.strerror}", 2) from None
+    elif code is not None:
+        source = code
+    elif not sys.stdin.isatty():
+        source = sys.stdin.read()
+    else:
+        raise _fail("give the code as an argument, with --file, or on stdin", 2)
+    if backend not in ("auto", "docker", "local"):
+        raise _fail(f"--backend must be auto, docker or local, not {backend!r}", 2)
+
+    async def run() -> Any:
+        config = SandboxConfig(backend=backend, pool_size=1, timeout_seconds=timeout)  # type: ignore[arg-type]
+        async with SandboxPool(config) as pool, await pool.open_session() as session:
+            return await session.exec(source)
+
+    try:
+        result = asyncio.run(run())
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        text = result.text()
+        if text:
+            print(text)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

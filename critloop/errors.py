@@ -1,0 +1,45 @@
+"""The one exception hierarchy of critloop.
+
+Every error critloop raises on purpose derives from :class:`CritloopError`, so callers can catch
+the whole family in one place. This module imports nothing from critloop: every layer may use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CritloopError",
+    "ConfigError",
+    "SandboxError",
+    "SandboxUnavailableError",
+    "SandboxImageError",
+    "SandboxClosedError",
+    "SandboxProtocolError",
+]
+
+
+class CritloopError(Exception):
+    """Base class of every error critloop raises on purpose."""
+
+
+class ConfigError(CritloopError, ValueError):
+    """A configuration value or file is invalid; the message names the key."""
+
+
+class SandboxError(CritloopError):
+    """Base class of the code sandbox's errors (infrastructure, never the user's code)."""
+
+
+class SandboxUnavailableError(SandboxError):
+    """No sandbox backend can run code: the Docker engine is unreachable, or it failed to start."""
+
+
+class SandboxImageError(SandboxError):
+    """The sandbox image is missing or could not be built."""
+
+
+class SandboxClosedError(SandboxError):
+    """The pool or session was closed before or during the call."""
+
+
+class SandboxProtocolError(SandboxError):
+    """The kernel answered something that breaks the protocol (a bug, or a version mismatch)."""

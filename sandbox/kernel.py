@@ -1,0 +1,907 @@
+"""The critloop sandbox kernel: a supervisor that owns one worker process per session.
+
+This file runs *inside* the sandbox (a Docker container or a local subprocess) and uses the
+standard library only. It is started as ``python3 -I -u kernel.py`` and speaks framed messages
+on its stdio: each frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
+
+The supervisor is also the template: it imports math, numpy and sympy once, then forks a worker
+per session, so opening a session costs a fork (milliseconds), not an interpreter start.
+Workers never see the protocol file descriptors: user output goes to per-exec pipes that the
+supervisor drains and caps, so printed text can never forge a protocol frame.
+
+Requests (``id`` is echoed in the reply)::
+
+    {"id": 1, "op": "ping"}
+    {"id": 2, "op": "open",  "session": "s1"}
+    {"id": 3, "op": "exec",  "session": "s1", "code": "print(1)", "timeout": 5.0,
+     "max_output": 65536}
+    {"id": 4, "op": "fork",  "session": "s1", "new_session": "s2"}
+    {"id": 5, "op": "reset", "session": "s1"}
+    {"id": 6, "op": "close", "session": "s1"}
+
+Replies are ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+_MAX_REQUEST_BYTES = 16 << 20
+_PREIMPORTS = ("math", "numpy", "sympy")
+_SESSIONS_ROOT_ENV = "CRITLOOP_SESSIONS_ROOT"
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_TRUNCATION_MARKER = "\n[... output truncated: {n} more bytes not shown ...]\n"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except Exception:  # noqa: BLE001 - prctl is best effort (non-Linux, no ctypes)
+        return False
+
+
+def _send_frame(sock: socket.socket, payload: dict, fds: list[int] | None = None) -> None:
+    body = json.dumps(payload).encode()
+    header = HEADER.pack(len(body))
+    if fds:
+        socket.send_fds(sock, [header], fds)
+    else:
+        sock.sendall(header)
+    sock.sendall(body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame(sock: socket.socket) -> tuple[dict, list[int]]:
+    header, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, 4)
+    if not header:
+        raise EOFError
+    if len(header) < HEADER.size:
+        header += _recv_exact(sock, HEADER.size - len(header))
+    (size,) = HEADER.unpack(header)
+    if size > _MAX_REQUEST_BYTES:
+        raise ValueError("frame too large")
+    return json.loads(_recv_exact(sock, size)), list(fds)
+
+
+def _descendants(root: int) -> list[int]:
+    """All live descendants of ``root`` (by parent links in /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != b"Z":  # zombies hold nothing: skip them
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        for child in children.get(pid, ()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _kill_tree(root: int) -> None:
+    """Stop the whole process tree first (so nothing forks away), then SIGKILL it."""
+    stopped: set[int] = set()
+    for _ in range(50):
+        tree = [root, *_descendants(root)]
+        fresh = [pid for pid in tree if pid not in stopped]
+        if not fresh:
+            break
+        for pid in fresh:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except OSError:
+                pass
+            stopped.add(pid)
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _preimport() -> list[str]:
+    loaded = []
+    for name in _PREIMPORTS:
+        try:
+            module = __import__(name)
+        except Exception:  # noqa: BLE001 - a missing library is reported by ping, not fatal
+            continue
+        loaded.append(name)
+        if name == "sympy":
+            # Pay sympy's lazy first-use costs once, in the template.
+            x = module.Symbol("x")
+            module.simplify((x**2 - 1) / (x - 1))
+    return loaded
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class _Worker:
+    """Runs inside a forked worker process: executes code for exactly one session."""
+
+    def __init__(self, sock: socket.socket, session_dir: str) -> None:
+        self.sock = sock
+        self.session_dir = session_dir
+        self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.devnull = os.open(os.devnull, os.O_RDWR)
+        self.in_user_code = False
+
+    def _on_sigint(self, signum, frame) -> None:
+        # The supervisor's timeout signal interrupts user code only, never the worker's own
+        # bookkeeping (a SIGINT racing the end of a run is dropped).
+        if self.in_user_code:
+            raise KeyboardInterrupt
+
+    def setup(self, parent: int | None = None) -> None:
+        os.setpgid(0, 0)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        if parent is not None:
+            # A clone starts as the grandchild of a short-lived process: arm the death signal
+            # only once it has been re-parented to the supervisor.
+            while os.getppid() == parent:
+                time.sleep(0.0002)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Orphans of this session's processes stay in this worker's tree, so that closing the
+        # session can find and kill every one of them (setsid and double forks included).
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")  # under memory pressure, user code dies before the supervisor
+        except OSError:
+            pass
+        self.enter_dir()
+        os.dup2(self.devnull, 0)
+        os.dup2(self.devnull, 1)
+        os.dup2(self.devnull, 2)
+
+    def enter_dir(self) -> None:
+        os.makedirs(self.session_dir, mode=0o700, exist_ok=True)
+        os.chdir(self.session_dir)
+        os.environ["HOME"] = os.environ["TMPDIR"] = self.session_dir
+        import tempfile
+
+        tempfile.tempdir = None
+
+    def serve(self) -> None:
+        _send_frame(self.sock, {"hello": os.getpid()})
+        while True:
+            try:
+                msg, fds = _recv_frame(self.sock)
+            except (EOFError, OSError, ValueError):
+                os._exit(0)
+            op = msg.get("op")
+            if op == "exec":
+                try:
+                    reply = self.exec(msg.get("code", ""), fds)
+                except KeyboardInterrupt:
+                    reply = {"status": "interrupted", "error": "KeyboardInterrupt"}
+                self._after_exec()
+            elif op == "fork":
+                reply = self.fork(msg["session_dir"], fds[0])
+            else:
+                reply = {"status": "error", "error": f"unknown worker op {op!r}"}
+            self._reap_orphans()
+            try:
+                _send_frame(self.sock, reply)
+            except OSError:
+                os._exit(0)
+
+    def exec(self, code: str, fds: list[int]) -> dict:
+        out_fd, err_fd = fds
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        os.close(out_fd)
+        os.close(err_fd)
+        sys.stdout = self._stream(1, "__stdout__")
+        sys.stderr = self._stream(2, "__stderr__")
+        sys.stdin = self._stream(0, "__stdin__", mode="r")
+        signal.signal(signal.SIGINT, self._on_sigint)  # user code may have replaced it
+        reply = {"status": "ok"}
+        self.in_user_code = True
+        try:
+            self._run(code)
+        except KeyboardInterrupt:
+            reply = {"status": "interrupted", "error": "KeyboardInterrupt"}
+            self._print_traceback()
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            reply = {"status": "error", "error": self._summary(exc)}
+            self._print_traceback()
+        finally:
+            self.in_user_code = False
+        return reply
+
+    def _after_exec(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a user-replaced stream may be broken
+                pass
+        # Late writers (threads, children) now write to /dev/null, so the pipes reach EOF.
+        os.dup2(self.devnull, 1)
+        os.dup2(self.devnull, 2)
+
+    def _run(self, code: str) -> None:
+        import ast
+
+        tree = ast.parse(code, "<cell>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<cell>", "exec"), self.namespace)
+        if last is not None:
+            value = eval(compile(last, "<cell>", "eval"), self.namespace)
+            if value is not None:
+                print(repr(value))
+
+    @staticmethod
+    def _stream(fd: int, name: str, mode: str = "w"):
+        stream = getattr(sys, name)
+        try:
+            reusable = stream is not None and not stream.closed and stream.fileno() == fd
+        except Exception:  # noqa: BLE001 - user code may have replaced it with anything
+            reusable = False
+        if not reusable:
+            stream = open(fd, mode, closefd=False, errors="backslashreplace")  # noqa: SIM115
+            setattr(sys, name, stream)
+        return stream
+
+    @staticmethod
+    def _summary(exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return text[:500]
+
+    @staticmethod
+    def _print_traceback() -> None:
+        import traceback
+
+        etype, value, tb = sys.exc_info()
+        try:
+            report = traceback.TracebackException(etype, value, tb)
+            # The user sees only the frames of their own code, never the kernel's.
+            report.stack = traceback.StackSummary.from_list(
+                [frame for frame in report.stack if frame.filename != __file__]
+            )
+            sys.stderr.write("".join(report.format()))
+        except BaseException:  # noqa: BLE001
+            pass
+
+    @staticmethod
+    def _reap_orphans() -> None:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+    def fork(self, new_dir: str, new_sock_fd: int) -> dict:
+        # Reparent the clone to the supervisor, not to this worker: the subreaper flag is off
+        # while we double-fork, so closing this session never kills its clone.
+        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+        try:
+            middle = os.fork()
+            if middle == 0:
+                if os.fork() == 0:
+                    self._become_clone(new_dir, new_sock_fd)
+                os._exit(0)
+            os.waitpid(middle, 0)
+        finally:
+            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+            os.close(new_sock_fd)
+        return {"status": "ok"}
+
+    def _become_clone(self, new_dir: str, new_sock_fd: int) -> None:
+        try:
+            parent = os.getppid()
+            self.sock.close()
+            self.sock = socket.socket(fileno=new_sock_fd)
+            # Another thread may have held a stream's lock at fork time: start with fresh ones.
+            sys.stdout = sys.stderr = None
+            try:
+                shutil.copytree(self.session_dir, new_dir, symlinks=True)
+            except OSError:
+                pass
+            self.session_dir = new_dir
+            self.setup(parent=parent)
+            self.serve()
+        finally:
+            os._exit(0)
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+class _Exec:
+    """An exec request in flight: its output pipes, deadlines and the client request id."""
+
+    def __init__(self, req_id: object, timeout: float, max_output: int, grace: float) -> None:
+        self.req_id = req_id
+        self.started = time.monotonic()
+        self.timeout = timeout
+        self.deadline = self.started + timeout
+        self.grace = grace
+        self.kill_at: float | None = None
+        self.interrupted = False
+        self.max_output = max_output
+        self.streams: dict[int, int] = {}  # pipe read fd -> 1 (stdout) or 2 (stderr)
+        self.buffers: dict[int, bytearray] = {}
+        self.dropped: dict[int, int] = {}
+
+
+class _Fork:
+    def __init__(self, req_id: object, parent: str) -> None:
+        self.req_id = req_id
+        self.parent = parent
+        self.acked = False
+
+
+class _Session:
+    def __init__(self, sid: str, pid: int, sock: socket.socket, session_dir: str) -> None:
+        self.sid = sid
+        self.pid = pid  # 0 until a clone says hello
+        self.sock = sock
+        self.session_dir = session_dir
+        self.inbuf = bytearray()
+        self.pending: _Exec | None = None
+        self.pending_fork: str | None = None  # the clone this worker is forking
+        self.lost_state = False  # the worker died while idle: the next exec reports it
+
+
+class Supervisor:
+    def __init__(self, proto_in: int, proto_out: int, modules: list[str]) -> None:
+        self.proto_in = proto_in
+        self.proto_out = proto_out
+        self.modules = modules
+        self.sel = selectors.DefaultSelector()
+        self.sessions: dict[str, _Session] = {}
+        self.by_fd: dict[int, _Session] = {}
+        self.pipes: dict[int, _Session] = {}
+        self.inbuf = bytearray()
+        self.exits: dict[int, int] = {}  # reaped pid -> wait status
+        self.root = os.environ.get(_SESSIONS_ROOT_ENV) or os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"critloop-sessions-{os.getpid()}"
+        )
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.grace = float(os.environ.get("CRITLOOP_KILL_GRACE", "0.5"))
+        # Forks in progress, by clone session id. A fork is answered once the parent has
+        # acknowledged it AND the clone has said hello, so both are usable at the reply.
+        self.forks: dict[str, _Fork] = {}
+
+    # ---- client channel
+
+    def reply(self, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        data = memoryview(HEADER.pack(len(body)) + body)
+        while data:
+            try:
+                data = data[os.write(self.proto_out, data) :]
+            except InterruptedError:
+                continue
+
+    def run(self) -> None:
+        os.set_blocking(self.proto_in, False)
+        self.sel.register(self.proto_in, selectors.EVENT_READ, "proto")
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.reply({"event": "ready", "pid": os.getpid(), "protocol": PROTOCOL_VERSION})
+        while True:
+            for key, _ in self.sel.select(self._next_timeout()):
+                if key.data == "proto":
+                    if not self._read_proto():
+                        self.shutdown()
+                        return
+                elif key.data == "worker":
+                    self._read_worker(key.fd)
+                else:
+                    self._read_pipe(key.fd)
+            self._check_deadlines()
+            self._reap()
+
+    def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            self._destroy(session)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _next_timeout(self) -> float:
+        now, timeout = time.monotonic(), 1.0
+        for session in self.sessions.values():
+            pending = session.pending
+            if pending is not None:
+                at = pending.kill_at if pending.kill_at is not None else pending.deadline
+                timeout = min(timeout, max(0.0, at - now))
+        return timeout
+
+    def _read_proto(self) -> bool:
+        try:
+            data = os.read(self.proto_in, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.inbuf += data
+        while len(self.inbuf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(self.inbuf)
+            if size > _MAX_REQUEST_BYTES:
+                self.reply({"event": "fatal", "error": "request frame too large"})
+                return False
+            if len(self.inbuf) < HEADER.size + size:
+                break
+            body = bytes(self.inbuf[HEADER.size : HEADER.size + size])
+            del self.inbuf[: HEADER.size + size]
+            try:
+                msg = json.loads(body)
+                if not isinstance(msg, dict):
+                    raise ValueError
+            except ValueError:
+                self.reply({"id": None, "ok": False, "error": "request is not a JSON object"})
+                continue
+            self._dispatch(msg)
+        return True
+
+    # ---- requests
+
+    def _dispatch(self, msg: dict) -> None:
+        req_id = msg.get("id")
+        handler = getattr(self, f"_op_{msg.get('op')}", None)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown op {msg.get('op')!r}")
+            result = handler(req_id, msg)
+        except Exception as exc:  # noqa: BLE001 - a bad request must never stop the kernel
+            self.reply({"id": req_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        if result is not None:
+            self.reply({"id": req_id, "ok": True, **result})
+
+    def _session(self, msg: dict, key: str = "session") -> _Session:
+        sid = msg.get(key)
+        session = self.sessions.get(sid) if isinstance(sid, str) else None
+        if session is None:
+            raise KeyError(f"no session {sid!r}")
+        if session.pending is not None or session.pending_fork is not None:
+            raise RuntimeError(f"session {sid!r} is busy")
+        return session
+
+    def _new_id(self, msg: dict, key: str) -> str:
+        sid = msg.get(key)
+        if not isinstance(sid, str) or not sid or "/" in sid or sid.startswith("."):
+            raise ValueError(f"invalid session id {sid!r}")
+        if sid in self.sessions:
+            raise ValueError(f"session {sid!r} exists already")
+        return sid
+
+    def _op_ping(self, req_id, msg) -> dict:
+        try:
+            usage = shutil.disk_usage(self.root)
+            disk = {"free": usage.free, "total": usage.total}
+        except OSError:
+            disk = {}
+        return {
+            "pid": os.getpid(),
+            "protocol": PROTOCOL_VERSION,
+            "python": sys.version.split()[0],
+            "modules": self.modules,
+            "sessions": sorted(self.sessions),
+            "processes": len(_descendants(os.getpid())),
+            "disk": disk,
+        }
+
+    def _op_open(self, req_id, msg) -> dict:
+        sid = self._new_id(msg, "session")
+        self._spawn(sid)
+        return {"session": sid}
+
+    def _op_exec(self, req_id, msg) -> None:
+        session = self._session(msg)
+        code = msg.get("code")
+        if not isinstance(code, str):
+            raise TypeError("code must be a string")
+        pending = _Exec(
+            req_id, float(msg.get("timeout", 10.0)), int(msg.get("max_output", 65536)), self.grace
+        )
+        write_ends = []
+        for stream in (1, 2):
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            pending.streams[r] = stream
+            pending.buffers[r] = bytearray()
+            pending.dropped[r] = 0
+            self.pipes[r] = session
+            self.sel.register(r, selectors.EVENT_READ, "pipe")
+            write_ends.append(w)
+        session.pending = pending
+        try:
+            _send_frame(session.sock, {"op": "exec", "code": code}, write_ends)
+        except OSError:
+            self._worker_died(session, "the worker did not accept the request")
+        finally:
+            for w in write_ends:
+                os.close(w)
+        return None
+
+    def _op_fork(self, req_id, msg) -> None:
+        parent = self._session(msg)
+        new_sid = self._new_id(msg, "new_session")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        new_dir = os.path.join(self.root, new_sid)
+        try:
+            _send_frame(parent.sock, {"op": "fork", "session_dir": new_dir}, [theirs.fileno()])
+        except OSError:
+            mine.close()
+            raise RuntimeError(f"session {parent.sid!r} is not answering") from None
+        finally:
+            theirs.close()
+        self._register(_Session(new_sid, 0, mine, new_dir))
+        parent.pending_fork = new_sid
+        self.forks[new_sid] = _Fork(req_id, parent.sid)
+        return None
+
+    def _op_reset(self, req_id, msg) -> dict:
+        session = self._session(msg)
+        self._destroy(session)
+        self._spawn(session.sid)
+        return {"session": session.sid}
+
+    def _op_close(self, req_id, msg) -> dict:
+        sid = msg.get("session")
+        session = self.sessions.get(sid) if isinstance(sid, str) else None
+        if session is None:
+            raise KeyError(f"no session {sid!r}")
+        if session.pending is not None:
+            self._finish(session, "killed", "the session was closed", state_survived=False)
+        self._destroy(session)
+        return {"session": sid}
+
+    # ---- workers
+
+    def _spawn(self, sid: str) -> _Session:
+        session_dir = os.path.join(self.root, sid)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine.close()
+                keep = theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 1 << 16)
+                worker = _Worker(theirs, session_dir)
+                worker.setup()
+                worker.serve()
+            finally:
+                os._exit(1)
+        theirs.close()
+        session = _Session(sid, pid, mine, session_dir)
+        self._register(session)
+        return session
+
+    def _register(self, session: _Session) -> None:
+        # Blocking with a timeout: a stopped worker cannot hang the supervisor on a send.
+        session.sock.settimeout(5.0)
+        self.sessions[session.sid] = session
+        self.by_fd[session.sock.fileno()] = session
+        self.sel.register(session.sock, selectors.EVENT_READ, "worker")
+
+    def _unregister(self, session: _Session) -> None:
+        if self.sessions.get(session.sid) is session:
+            del self.sessions[session.sid]
+        fd = session.sock.fileno()
+        if fd >= 0:
+            self.by_fd.pop(fd, None)
+            try:
+                self.sel.unregister(session.sock)
+            except (KeyError, ValueError):
+                pass
+        session.sock.close()
+
+    def _destroy(self, session: _Session) -> None:
+        """Kill the worker and everything it started; remove its files."""
+        self._unregister(session)
+        if session.pid:
+            _kill_tree(session.pid)
+        if session.pending is not None:
+            self._close_pipes(session.pending)
+            session.pending = None
+        shutil.rmtree(session.session_dir, ignore_errors=True)
+
+    def _read_worker(self, fd: int) -> None:
+        session = self.by_fd.get(fd)
+        if session is None:
+            return
+        try:
+            data = session.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._worker_died(session)
+            return
+        session.inbuf += data
+        while len(session.inbuf) >= HEADER.size:
+            (size,) = HEADER.unpack_from(session.inbuf)
+            if size > 1 << 20:
+                self._worker_died(session, "the worker sent an oversized frame")
+                return
+            if len(session.inbuf) < HEADER.size + size:
+                return
+            body = bytes(session.inbuf[HEADER.size : HEADER.size + size])
+            del session.inbuf[: HEADER.size + size]
+            try:
+                msg = json.loads(body)
+                if not isinstance(msg, dict):
+                    raise ValueError
+            except ValueError:
+                self._worker_died(session, "the worker sent a malformed frame")
+                return
+            self._worker_message(session, msg)
+            if self.sessions.get(session.sid) is not session:
+                return
+
+    def _worker_message(self, session: _Session, msg: dict) -> None:
+        if "hello" in msg:
+            fork = self.forks.get(session.sid)
+            if fork is not None and not session.pid and isinstance(msg["hello"], int):
+                session.pid = msg["hello"]
+                self._fork_progress(session.sid)
+            return
+        if session.pending_fork is not None:
+            clone_sid = session.pending_fork
+            session.pending_fork = None
+            fork = self.forks.get(clone_sid)
+            if fork is None:
+                return
+            if msg.get("status") == "ok":
+                fork.acked = True
+                self._fork_progress(clone_sid)
+            else:
+                self._fail_fork(clone_sid, "the fork failed in the worker")
+            return
+        pending = session.pending
+        if pending is None:
+            return  # unsolicited (user code writing to the control socket): ignore
+        status = msg.get("status")
+        error = msg.get("error") if isinstance(msg.get("error"), str) else None
+        if pending.interrupted:
+            status, error = "timeout", f"timed out after {pending.timeout:g}s"
+        elif status not in ("ok", "error"):
+            status = "error"
+        self._finish(session, status, error, state_survived=not session.lost_state)
+
+    def _finish(self, session: _Session, status: str, error: str | None, state_survived: bool) -> None:
+        pending = session.pending
+        if pending is None:
+            return
+        session.pending = None
+        session.lost_state = False
+        self._drain(pending)
+        self._close_pipes(pending)
+        out = {1: "", 2: ""}
+        for fd, buf in pending.buffers.items():
+            text = buf.decode("utf-8", errors="replace")
+            if pending.dropped[fd]:
+                text += _TRUNCATION_MARKER.format(n=pending.dropped[fd])
+            out[pending.streams[fd]] = text
+        result = {
+            "status": status,
+            "stdout": out[1],
+            "stderr": out[2],
+            "error": error,
+            "duration": time.monotonic() - pending.started,
+            "state_survived": state_survived,
+            "truncated": any(pending.dropped.values()),
+        }
+        self.reply({"id": pending.req_id, "ok": True, "result": result})
+
+    def _worker_died(self, session: _Session, why: str | None = None) -> None:
+        """The worker is gone or misbehaved: replace it with a fresh one (state lost)."""
+        cause = why or self._exit_cause(session.pid)
+        self._unregister(session)
+        if session.pid:
+            _kill_tree(session.pid)
+        shutil.rmtree(session.session_dir, ignore_errors=True)
+        if session.sid in self.forks:
+            self._fail_fork(session.sid, "the clone died before it started")
+            return
+        fresh = self._spawn(session.sid)
+        fresh.lost_state = True
+        if session.pending_fork is not None:
+            self._fail_fork(session.pending_fork, "the session died during the fork")
+        pending = session.pending
+        if pending is not None:
+            fresh.pending = pending
+            if pending.interrupted:
+                self._finish(fresh, "timeout",
+                             f"timed out after {pending.timeout:g}s; the worker was killed", False)
+            else:
+                self._finish(fresh, "killed", f"the worker died: {cause}", False)
+        self._kill_strays()
+
+    def _fork_progress(self, clone_sid: str) -> None:
+        fork = self.forks[clone_sid]
+        clone = self.sessions.get(clone_sid)
+        if fork.acked and clone is not None and clone.pid:
+            del self.forks[clone_sid]
+            self.reply({"id": fork.req_id, "ok": True, "session": clone_sid})
+
+    def _fail_fork(self, clone_sid: str, error: str) -> None:
+        fork = self.forks.pop(clone_sid, None)
+        if fork is None:
+            return
+        parent = self.sessions.get(fork.parent)
+        if parent is not None and parent.pending_fork == clone_sid:
+            parent.pending_fork = None
+        clone = self.sessions.get(clone_sid)
+        if clone is not None:
+            self._destroy(clone)
+        self.reply({"id": fork.req_id, "ok": False, "error": error})
+
+    def _exit_cause(self, pid: int) -> str:
+        if not pid:
+            return "cause unknown"
+        for _ in range(20):  # an EOF usually means the process is exiting right now
+            self._reap()
+            if pid in self.exits:
+                break
+            time.sleep(0.0025)
+        code = self.exits.pop(pid, None)
+        if code is None:
+            return "it closed its channel"
+        if os.WIFSIGNALED(code):
+            sig = os.WTERMSIG(code)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = str(sig)
+            hint = " (out of memory, or killed)" if sig == signal.SIGKILL else ""
+            return f"killed by {name}{hint}"
+        return f"exit code {os.WEXITSTATUS(code)}"
+
+    def _kill_strays(self) -> None:
+        """Kill our direct children that belong to no session (orphans of dead workers)."""
+        if self.forks:
+            return  # a clone's pid is not known yet: it must not be mistaken for a stray
+        known = {s.pid for s in self.sessions.values()}
+        me = os.getpid()
+        for pid in _descendants(me):
+            if pid in known:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) > 1 and int(fields[1]) == me:
+                _kill_tree(pid)
+
+    # ---- output pipes
+
+    def _read_pipe(self, fd: int) -> None:
+        session = self.pipes.get(fd)
+        pending = session.pending if session is not None else None
+        if pending is None or fd not in pending.buffers:
+            return
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._keep(pending, fd, data)
+        else:
+            del self.pipes[fd]
+            self.sel.unregister(fd)
+            os.close(fd)
+
+    @staticmethod
+    def _keep(pending: _Exec, fd: int, data: bytes) -> None:
+        buf = pending.buffers[fd]
+        room = max(0, pending.max_output - len(buf))
+        buf += data[:room]
+        pending.dropped[fd] += max(0, len(data) - room)
+
+    def _drain(self, pending: _Exec) -> None:
+        for fd in pending.buffers:
+            while fd in self.pipes:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self._keep(pending, fd, data)
+
+    def _close_pipes(self, pending: _Exec) -> None:
+        for fd in pending.buffers:
+            if self.pipes.pop(fd, None) is not None:
+                self.sel.unregister(fd)
+                os.close(fd)
+
+    # ---- time
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            pending = session.pending
+            if pending is None:
+                continue
+            if pending.kill_at is None and now >= pending.deadline:
+                pending.interrupted = True
+                pending.kill_at = now + pending.grace
+                try:
+                    os.kill(session.pid, signal.SIGINT)
+                except OSError:
+                    pass
+            elif pending.kill_at is not None and now >= pending.kill_at:
+                self._worker_died(session)
+
+    def _reap(self) -> None:
+        # Clones and orphans are re-parented to us (we are a subreaper): collect their exits.
+        while True:
+            try:
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            self.exits[pid] = code
+            if len(self.exits) > 4096:
+                self.exits.pop(next(iter(self.exits)))
+
+
+def main() -> None:
+    proto_in = os.dup(0)
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    modules = _preimport()
+    try:
+        Supervisor(proto_in, proto_out, modules).run()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)
+    main()
