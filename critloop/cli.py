@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -49,13 +49,16 @@ def sandbox_build(
 ) -> None:
     """Build the sandbox image for this version of critloop."""
     from critloop.sandbox.docker_backend import docker_client
-    from critloop.sandbox.image import build_image
+    from critloop.sandbox.image import BuildRoute, build_image
 
     if route not in ("auto", "dockerfile", "debootstrap"):
         raise _fail(f"--route must be auto, dockerfile or debootstrap, not {route!r}", 2)
     try:
         tag = build_image(
-            docker_client(), route=route, force=force, progress=lambda line: err.print(f"[dim]{line}[/]")  # type: ignore[arg-type]
+            docker_client(),
+            route=cast("BuildRoute", route),
+            force=force,
+            progress=lambda line: err.print(f"[dim]{line}[/]"),
         )
     except CritloopError as exc:
         raise _fail(str(exc)) from None
@@ -112,12 +115,20 @@ def sandbox_status(
         engine = report["engine"]
         console.print(
             "engine:  "
-            + (f"[green]reachable[/] (Docker {engine['version']})" if engine["reachable"] else f"[red]unreachable[/] — {engine.get('error')}")
+            + (
+                f"[green]reachable[/] (Docker {engine['version']})"
+                if engine["reachable"]
+                else f"[red]unreachable[/] — {engine.get('error')}"
+            )
         )
         image = report["image"]
         console.print(
             f"image:   {image['name']} "
-            + (f"[green]present[/] ({image['size_mb']} MB)" if image["present"] else "[red]missing[/] — run `critloop sandbox build`")
+            + (
+                f"[green]present[/] ({image['size_mb']} MB)"
+                if image["present"]
+                else "[red]missing[/] — run `critloop sandbox build`"
+            )
         )
         containers = report["containers"]
         orphans = sum(c["orphan"] for c in containers)

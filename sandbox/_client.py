@@ -103,9 +103,7 @@ class KernelClient:
                 f"sandbox kernel {self.name} did not start within {timeout:g}s"
             ) from None
         except KernelDied:
-            raise SandboxUnavailableError(
-                f"sandbox kernel {self.name} exited during start-up"
-            ) from None
+            raise SandboxUnavailableError(f"sandbox kernel {self.name} exited during start-up") from None
         if ready.get("protocol") != PROTOCOL_VERSION:
             raise SandboxProtocolError(
                 f"sandbox kernel {self.name} speaks protocol {ready.get('protocol')!r}, "

@@ -40,7 +40,7 @@ def docker_client(timeout: float = 10.0) -> Any:
     except docker.errors.DockerException as exc:
         raise SandboxUnavailableError(
             f"no Docker engine answers ({_short(exc)}); start one, or use the local backend "
-            "(sandbox backend = \"local\", not isolation)"
+            '(sandbox backend = "local", not isolation)'
         ) from exc
     return client
 
@@ -154,7 +154,10 @@ class DockerBackend(SandboxBackend):
             "auto_remove": True,
             "network_mode": "none",
             "read_only": True,
-            "tmpfs": {"/tmp": f"{tmpfs_flags},mode=1777", "/work": f"{tmpfs_flags},uid=10001,gid=10001,mode=0700"},
+            "tmpfs": {
+                "/tmp": f"{tmpfs_flags},mode=1777",
+                "/work": f"{tmpfs_flags},uid=10001,gid=10001,mode=0700",
+            },
             "user": _SANDBOX_UID,
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
@@ -187,9 +190,7 @@ class DockerBackend(SandboxBackend):
         sock = socket.socket(fileno=os.dup(raw.fileno()))
         sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=sock)
-        kernel = KernelClient(
-            DockerAttachTransport(reader, writer), name=container.name, on_close=on_close
-        )
+        kernel = KernelClient(DockerAttachTransport(reader, writer), name=container.name, on_close=on_close)
         self._containers[kernel] = container
         self._sockets[kernel] = raw
         try:

@@ -115,7 +115,8 @@ def _descendants(root: int) -> list[int]:
 
 
 def _kill_tree(root: int) -> None:
-    """Stop the whole process tree first (so nothing forks away), then SIGKILL it."""
+    """Stop the whole process tree first (so nothing forks away), SIGKILL it, and wait (briefly)
+    until the processes are gone, so a caller told "closed" finds them gone."""
     stopped: set[int] = set()
     for _ in range(50):
         tree = [root, *_descendants(root)]
@@ -133,6 +134,21 @@ def _kill_tree(root: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    deadline = time.monotonic() + 1.0
+    while stopped and time.monotonic() < deadline:
+        stopped = {pid for pid in stopped if _alive(pid)}
+        if stopped:
+            time.sleep(0.001)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
 
 
 def _preimport() -> list[str]:
@@ -265,7 +281,8 @@ class _Worker:
         tree = ast.parse(code, "<cell>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)
+            last = ast.Expression(tree.body[-1].value)
+            tree.body.pop()
         exec(compile(tree, "<cell>", "exec"), self.namespace)
         if last is not None:
             value = eval(compile(last, "<cell>", "eval"), self.namespace)
@@ -293,9 +310,11 @@ class _Worker:
     def _print_traceback() -> None:
         import traceback
 
-        etype, value, tb = sys.exc_info()
+        value = sys.exc_info()[1]
+        if value is None:
+            return
         try:
-            report = traceback.TracebackException(etype, value, tb)
+            report = traceback.TracebackException(type(value), value, value.__traceback__)
             # The user sees only the frames of their own code, never the kernel's.
             report.stack = traceback.StackSummary.from_list(
                 [frame for frame in report.stack if frame.filename != __file__]
@@ -319,8 +338,9 @@ class _Worker:
         try:
             middle = os.fork()
             if middle == 0:
+                middle = os.getpid()
                 if os.fork() == 0:
-                    self._become_clone(new_dir, new_sock_fd)
+                    self._become_clone(new_dir, new_sock_fd, middle)
                 os._exit(0)
             os.waitpid(middle, 0)
         finally:
@@ -328,9 +348,8 @@ class _Worker:
             os.close(new_sock_fd)
         return {"status": "ok"}
 
-    def _become_clone(self, new_dir: str, new_sock_fd: int) -> None:
+    def _become_clone(self, new_dir: str, new_sock_fd: int, middle: int) -> None:
         try:
-            parent = os.getppid()
             self.sock.close()
             self.sock = socket.socket(fileno=new_sock_fd)
             # Another thread may have held a stream's lock at fork time: start with fresh ones.
@@ -340,7 +359,7 @@ class _Worker:
             except OSError:
                 pass
             self.session_dir = new_dir
-            self.setup(parent=parent)
+            self.setup(parent=middle)
             self.serve()
         finally:
             os._exit(0)
@@ -633,9 +652,12 @@ class Supervisor:
 
     def _destroy(self, session: _Session) -> None:
         """Kill the worker and everything it started; remove its files."""
-        self._unregister(session)
+        # Kill before closing the channel: a worker that sees the channel close exits at once,
+        # and its children would be re-parented out of reach of the tree walk.
         if session.pid:
             _kill_tree(session.pid)
+        self._unregister(session)
+        self._kill_strays()
         if session.pending is not None:
             self._close_pipes(session.pending)
             session.pending = None
@@ -647,7 +669,7 @@ class Supervisor:
             return
         try:
             data = session.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
@@ -748,8 +770,9 @@ class Supervisor:
         if pending is not None:
             fresh.pending = pending
             if pending.interrupted:
-                self._finish(fresh, "timeout",
-                             f"timed out after {pending.timeout:g}s; the worker was killed", False)
+                self._finish(
+                    fresh, "timeout", f"timed out after {pending.timeout:g}s; the worker was killed", False
+                )
             else:
                 self._finish(fresh, "killed", f"the worker died: {cause}", False)
         self._kill_strays()

@@ -78,7 +78,7 @@ class LocalBackend(SandboxBackend):
             raise SandboxUnavailableError(f"could not start a local sandbox kernel: {exc}") from exc
         assert process.stdout is not None and process.stdin is not None
         self._count += 1
-        transport = StreamTransport(process.stdout, process.stdin)  # type: ignore[arg-type]
+        transport = StreamTransport(process.stdout, process.stdin)
         kernel = KernelClient(transport, name=f"local-{process.pid}", on_close=on_close)
         self._processes[kernel] = process
         try:

@@ -76,9 +76,7 @@ class SandboxPool:
         '42\\n'
     """
 
-    def __init__(
-        self, config: SandboxConfig | None = None, *, backend: SandboxBackend | None = None
-    ) -> None:
+    def __init__(self, config: SandboxConfig | None = None, *, backend: SandboxBackend | None = None) -> None:
         self.config = config or SandboxConfig()
         self._backend = backend
         self._kernels: list[KernelClient] = []
@@ -285,9 +283,7 @@ class Session:
             await self._ensure_kernel()
             sid = uuid.uuid4().hex[:16]
             try:
-                await self._kernel.request(
-                    "fork", wait=self._pool._wait(), session=self.id, new_session=sid
-                )
+                await self._kernel.request("fork", wait=self._pool._wait(), session=self.id, new_session=sid)
             except KernelDied:
                 raise SandboxUnavailableError("the sandbox kernel died during a fork") from None
             self._kernel.sessions.add(sid)

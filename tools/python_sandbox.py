@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -113,7 +114,5 @@ class PythonSandboxTool(BaseTool):
         runner.stop()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: nothing left to do
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to do
-            pass

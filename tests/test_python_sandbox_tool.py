@@ -1,0 +1,76 @@
+"""The LangChain tool over a sandbox session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import require_docker
+from langchain_core.tools import BaseTool
+
+from critloop.sandbox import SandboxConfig
+from critloop.tools import PythonSandboxTool
+
+
+@pytest.fixture(scope="module")
+def docker_tool() -> Iterator[PythonSandboxTool]:
+    require_docker()
+    tool = PythonSandboxTool()
+    yield tool
+    tool.close()
+
+
+def test_tool_contract() -> None:
+    tool = PythonSandboxTool(config=SandboxConfig(backend="local", pool_size=1))
+    assert isinstance(tool, BaseTool)
+    assert tool.name == "python_sandbox"
+    assert list(tool.args) == ["code"]
+    assert tool.args["code"]["type"] == "string"
+
+
+def test_tool_chooses_docker_and_keeps_state(docker_tool: PythonSandboxTool) -> None:
+    assert docker_tool.invoke({"code": "x = 2 ** 10"}) == ""
+    assert docker_tool.invoke({"code": "print(x)"}) == "1024"
+    assert docker_tool._pool is not None and docker_tool._pool.status().backend == "docker"
+
+
+def test_tool_reports_errors_with_a_status_line(docker_tool: PythonSandboxTool) -> None:
+    out = docker_tool.invoke({"code": "print('before')\nundefined_name"})
+    lines = out.splitlines()
+    assert lines[0] == "before"
+    assert "NameError: name 'undefined_name' is not defined" in out
+    assert lines[-1] == "[status: error: NameError: name 'undefined_name' is not defined]"
+
+
+def test_tool_reports_timeouts(docker_tool: PythonSandboxTool) -> None:
+    tool = PythonSandboxTool(timeout_seconds=0.3)
+    try:
+        out = tool.invoke({"code": "import time\ntime.sleep(30)"})
+        assert out.endswith("[status: timeout: timed out after 0.3s]")
+    finally:
+        tool.close()
+
+
+async def test_tool_works_from_async_code(docker_tool: PythonSandboxTool) -> None:
+    assert await docker_tool.ainvoke({"code": "y = 7"}) == ""
+    assert await docker_tool.ainvoke({"code": "print(y * 6)"}) == "42"
+
+
+def test_tool_reset_and_reuse_after_close() -> None:
+    require_docker()
+    tool = PythonSandboxTool()
+    tool.invoke({"code": "z = 1"})
+    tool.reset()
+    assert "NameError" in tool.invoke({"code": "z"})
+    tool.close()
+    assert tool.invoke({"code": "print('again')"}) == "again"  # a closed tool starts anew
+    tool.close()
+
+
+def test_tool_on_the_local_backend() -> None:
+    tool = PythonSandboxTool(config=SandboxConfig(backend="local", pool_size=1))
+    try:
+        tool.invoke({"code": "import sympy\nroots = sympy.solve('x**2 - 5*x + 6')"})
+        assert tool.invoke({"code": "print(sum(roots))"}) == "5"
+    finally:
+        tool.close()

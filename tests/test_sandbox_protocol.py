@@ -1,0 +1,199 @@
+"""The sandbox protocol suite: the same behaviour on the Docker and the local backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from critloop.errors import SandboxClosedError
+from critloop.sandbox import SandboxPool
+
+
+async def test_state_persists_across_execs(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        assert (await session.exec("import fractions\nx = fractions.Fraction(1, 3)")).ok
+        result = await session.exec("print(x * 3)")
+        assert (result.status, result.stdout, result.state_survived) == ("ok", "1\n", True)
+
+
+async def test_last_expression_is_echoed_like_a_notebook(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        assert (await session.exec("y = 5\ny * 2")).stdout == "10\n"
+        assert (await session.exec("None")).stdout == ""
+
+
+async def test_math_libraries_are_preimported(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec(
+            "import sys\nprint(all(m in sys.modules for m in ('math', 'numpy', 'sympy')))\n"
+            "import sympy, numpy\nx = sympy.Symbol('x')\nprint(sympy.factor(x**2 - 1), numpy.arange(3).sum())"
+        )
+        assert result.stdout == "True\n(x - 1)*(x + 1) 3\n"
+
+
+async def test_output_is_captured_at_file_descriptor_level(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        code = (
+            "import os, subprocess, sys\n"
+            "print('py-out'); print('py-err', file=sys.stderr)\n"
+            "os.write(1, b'fd-out\\n'); os.write(2, b'fd-err\\n')\n"
+            "_ = subprocess.run([sys.executable, '-c', 'print(\"child-out\")'], check=True)\n"
+        )
+        result = await session.exec(code)
+        assert result.ok, result.stderr
+        assert result.stdout == "py-out\nfd-out\nchild-out\n"
+        assert result.stderr == "py-err\nfd-err\n"
+
+
+async def test_errors_come_back_as_tracebacks(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        await session.exec("kept = 1")
+        result = await session.exec("def f():\n    return 1 / 0\nf()")
+        assert result.status == "error"
+        assert result.error == "ZeroDivisionError: division by zero"
+        assert "Traceback (most recent call last)" in result.stderr
+        assert 'File "<cell>", line 2, in f' in result.stderr
+        assert "kernel.py" not in result.stderr  # only the user's frames
+        assert result.state_survived
+        assert (await session.exec("print(kept)")).stdout == "1\n"
+
+
+async def test_syntax_errors_are_errors(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec("def broken(:\n")
+        assert result.status == "error"
+        assert result.error is not None and result.error.startswith("SyntaxError")
+
+
+async def test_fork_copies_state_and_the_copies_diverge(pool: SandboxPool) -> None:
+    async with await pool.open_session() as parent:
+        await parent.exec("items = [1, 2]\nopen('notes.txt', 'w').write('parent')")
+        async with await parent.fork() as clone:
+            assert clone.id != parent.id
+            await clone.exec("items.append('clone')\nopen('notes.txt', 'w').write('clone')")
+            await parent.exec("items.append('parent')")
+            assert (await clone.exec("print(items, open('notes.txt').read())")).stdout == (
+                "[1, 2, 'clone'] clone\n"
+            )
+            assert (await parent.exec("print(items, open('notes.txt').read())")).stdout == (
+                "[1, 2, 'parent'] parent\n"
+            )
+
+
+async def test_a_fork_outlives_its_parent(pool: SandboxPool) -> None:
+    parent = await pool.open_session()
+    await parent.exec("z = 'snapshot'")
+    clone = await parent.fork()
+    await parent.close()
+    assert (await clone.exec("print(z)")).stdout == "snapshot\n"
+    await clone.close()
+
+
+async def test_reset_clears_variables_and_files(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        await session.exec("secret = 42\nopen('f.txt', 'w').write('x')")
+        await session.reset()
+        result = await session.exec("import os\nprint('secret' in globals(), os.listdir('.'))")
+        assert result.stdout == "False []\n"
+
+
+async def test_timeout_interrupts_and_keeps_state(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        await session.exec("kept = 'yes'")
+        result = await session.exec("while True:\n    pass", timeout=0.3)
+        assert result.status == "timeout"
+        assert result.state_survived
+        assert "KeyboardInterrupt" in result.stderr
+        assert 0.3 <= result.duration < 2.0
+        assert (await session.exec("print(kept)")).stdout == "yes\n"
+
+
+async def test_timeout_kills_code_that_ignores_the_interrupt(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        await session.exec("kept = 'yes'")
+        result = await session.exec(
+            "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
+            timeout=0.3,
+        )
+        assert (result.status, result.state_survived) == ("timeout", False)
+        assert result.error is not None and "killed" in result.error
+        after = await session.exec("print('kept' in globals())")
+        assert (after.status, after.stdout) == ("ok", "False\n")
+
+
+async def test_worker_death_is_reported_and_the_session_goes_on(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec("import os\nos._exit(7)")
+        assert (result.status, result.state_survived) == ("killed", False)
+        assert result.error is not None and "exit code 7" in result.error
+        assert (await session.exec("print('alive')")).stdout == "alive\n"
+
+
+async def test_output_is_capped_with_a_visible_marker(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec("print('a' * 10_000)", max_output=1000)
+        assert result.truncated
+        assert result.stdout.startswith("a" * 1000)
+        assert "[... output truncated: 9001 more bytes not shown ...]" in result.stdout
+
+
+async def test_non_utf8_output_is_replaced_not_fatal(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec("import os\n_ = os.write(1, b'ok \\xff\\xfe end')")
+        assert result.ok and result.stdout == "ok \ufffd\ufffd end"
+
+
+async def test_text_view_lists_output_then_status(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        result = await session.exec("print('partial')\nraise ValueError('bad value')")
+        text = result.text()
+        assert text.startswith("partial\nTraceback")
+        assert text.endswith("[status: error: ValueError: bad value]")
+
+
+async def test_many_sessions_run_concurrently(pool: SandboxPool) -> None:
+    sessions = await asyncio.gather(*(pool.open_session() for _ in range(16)))
+    try:
+        results = await asyncio.gather(
+            *(s.exec(f"import time\ntime.sleep(0.3)\nprint({i})") for i, s in enumerate(sessions))
+        )
+        assert [r.stdout for r in results] == [f"{i}\n" for i in range(16)]
+        # 16 runs of 0.3 s each finish together, not one after another (4.8 s).
+        assert max(r.duration for r in results) < 2.5
+        assert len({s.id for s in sessions}) == 16
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+
+
+async def test_calls_on_one_session_are_serialised(pool: SandboxPool) -> None:
+    async with await pool.open_session() as session:
+        await session.exec("log = []")
+        await asyncio.gather(*(session.exec(f"log.append({i})") for i in range(10)))
+        assert (await session.exec("print(sorted(log))")).stdout == f"{list(range(10))}\n"
+
+
+async def test_sessions_are_isolated_from_each_other(pool: SandboxPool) -> None:
+    async with await pool.open_session() as a, await pool.open_session() as b:
+        await a.exec("import math\nmath.pi = 3\nshared = 1\nopen('mine.txt', 'w').write('a')")
+        result = await b.exec(
+            "import math, os\nprint(math.pi > 3.14, 'shared' in globals(), os.listdir('.'))"
+        )
+        assert result.stdout == "True False []\n"
+
+
+async def test_closed_session_refuses_work(pool: SandboxPool) -> None:
+    session = await pool.open_session()
+    await session.close()
+    await session.close()  # idempotent
+    with pytest.raises(SandboxClosedError):
+        await session.exec("print(1)")
+
+
+async def test_closing_a_session_frees_its_processes(pool: SandboxPool) -> None:
+    before = sum(k["processes"] for k in await pool.ping())
+    session = await pool.open_session()
+    await session.exec("import subprocess\nsubprocess.Popen(['sleep', '60'])")
+    assert sum(k["processes"] for k in await pool.ping()) >= before + 2
+    await session.close()
+    assert sum(k["processes"] for k in await pool.ping()) == before
