@@ -1,0 +1,52 @@
+"""The containers really carry every isolation setting of DESIGN §5 (read back from the engine)."""
+
+from __future__ import annotations
+
+from critloop.sandbox import SandboxPool
+from critloop.sandbox.docker_backend import LABEL
+
+
+async def test_container_settings(docker_pool: SandboxPool) -> None:
+    import docker
+
+    backend = docker_pool.backend
+    names = [k.name for k in docker_pool._kernels]
+    client = docker.from_env()
+    for name in names:
+        attrs = client.containers.get(name).attrs
+        host, config = attrs["HostConfig"], attrs["Config"]
+        cfg = backend.config  # type: ignore[attr-defined]
+        assert host["NetworkMode"] == "none"
+        assert host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert host["SecurityOpt"] == ["no-new-privileges"]
+        assert host["Privileged"] is False
+        assert host["PidsLimit"] == cfg.pids_limit
+        assert host["Memory"] == host["MemorySwap"] == cfg.memory_mb << 20
+        assert host["NanoCpus"] == int(cfg.cpus * 1e9)
+        assert host["Init"] is True
+        assert host["LogConfig"]["Type"] == "none"
+        assert set(host["Tmpfs"]) == {"/tmp", "/work"}
+        assert all("noexec" in opts and f"size={cfg.tmpfs_mb}m" in opts for opts in host["Tmpfs"].values())
+        ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
+        assert ulimits["core"] == (0, 0)
+        assert ulimits["fsize"] == (cfg.max_file_mb << 20,) * 2
+        assert ulimits["nofile"][1] <= 4096
+        assert not host.get("Binds"), "no host path may be mounted"
+        assert all(m["Type"] == "tmpfs" for m in attrs["Mounts"])
+        assert config["User"] == "10001:10001"
+        assert config["Labels"][LABEL] == "1"
+        assert config["Env"] and "OMP_NUM_THREADS=1" in config["Env"]
+
+
+async def test_user_code_sees_the_limits(docker_pool: SandboxPool) -> None:
+    async with await docker_pool.open_session() as session:
+        result = await session.exec(
+            "import os, resource\n"
+            "print(os.getuid(), os.getgid())\n"
+            "print(resource.getrlimit(resource.RLIMIT_CORE))\n"
+            "status = open('/proc/self/status').read()\n"
+            "print([l.split()[1] for l in status.splitlines() if l.startswith(('CapEff', 'NoNewPrivs'))])\n"
+            "print(sorted(os.listdir('/sys/class/net')))"
+        )
+        assert result.stdout == "10001 10001\n(0, 0)\n['0000000000000000', '1']\n['lo']\n"
