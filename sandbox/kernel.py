@@ -380,9 +380,11 @@ class _Exec:
         self.kill_at: float | None = None
         self.interrupted = False
         self.max_output = max_output
-        self.streams: dict[int, int] = {}  # pipe read fd -> 1 (stdout) or 2 (stderr)
-        self.buffers: dict[int, bytearray] = {}
-        self.dropped: dict[int, int] = {}
+        # Open pipe read ends -> stream (1 stdout, 2 stderr). A pipe that reached its end is
+        # closed and forgotten at once: its fd number may be reused by another session's run.
+        self.pipes: dict[int, int] = {}
+        self.buffers: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.dropped: dict[int, int] = {1: 0, 2: 0}
 
 
 class _Fork:
@@ -560,9 +562,7 @@ class Supervisor:
         for stream in (1, 2):
             r, w = os.pipe()
             os.set_blocking(r, False)
-            pending.streams[r] = stream
-            pending.buffers[r] = bytearray()
-            pending.dropped[r] = 0
+            pending.pipes[r] = stream
             self.pipes[r] = session
             self.sel.register(r, selectors.EVENT_READ, "pipe")
             write_ends.append(w)
@@ -736,11 +736,11 @@ class Supervisor:
         self._drain(pending)
         self._close_pipes(pending)
         out = {1: "", 2: ""}
-        for fd, buf in pending.buffers.items():
+        for stream, buf in pending.buffers.items():
             text = buf.decode("utf-8", errors="replace")
-            if pending.dropped[fd]:
-                text += _TRUNCATION_MARKER.format(n=pending.dropped[fd])
-            out[pending.streams[fd]] = text
+            if pending.dropped[stream]:
+                text += _TRUNCATION_MARKER.format(n=pending.dropped[stream])
+            out[stream] = text
         result = {
             "status": status,
             "stdout": out[1],
@@ -840,7 +840,7 @@ class Supervisor:
     def _read_pipe(self, fd: int) -> None:
         session = self.pipes.get(fd)
         pending = session.pending if session is not None else None
-        if pending is None or fd not in pending.buffers:
+        if pending is None or fd not in pending.pipes:
             return
         try:
             data = os.read(fd, 1 << 16)
@@ -849,35 +849,41 @@ class Supervisor:
         except OSError:
             data = b""
         if data:
-            self._keep(pending, fd, data)
+            self._keep(pending, pending.pipes[fd], data)
         else:
-            del self.pipes[fd]
-            self.sel.unregister(fd)
-            os.close(fd)
+            self._close_pipe(pending, fd)
 
     @staticmethod
-    def _keep(pending: _Exec, fd: int, data: bytes) -> None:
-        buf = pending.buffers[fd]
+    def _keep(pending: _Exec, stream: int, data: bytes) -> None:
+        buf = pending.buffers[stream]
         room = max(0, pending.max_output - len(buf))
         buf += data[:room]
-        pending.dropped[fd] += max(0, len(data) - room)
+        pending.dropped[stream] += max(0, len(data) - room)
 
     def _drain(self, pending: _Exec) -> None:
-        for fd in pending.buffers:
-            while fd in self.pipes:
+        """Read what the pipes hold now, without waiting for writers that outlive the run."""
+        for fd, stream in list(pending.pipes.items()):
+            while True:
                 try:
                     data = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    break
                 except OSError:
-                    break
+                    data = b""
                 if not data:
+                    self._close_pipe(pending, fd)
                     break
-                self._keep(pending, fd, data)
+                self._keep(pending, stream, data)
+
+    def _close_pipe(self, pending: _Exec, fd: int) -> None:
+        del pending.pipes[fd]
+        del self.pipes[fd]
+        self.sel.unregister(fd)
+        os.close(fd)
 
     def _close_pipes(self, pending: _Exec) -> None:
-        for fd in pending.buffers:
-            if self.pipes.pop(fd, None) is not None:
-                self.sel.unregister(fd)
-                os.close(fd)
+        for fd in list(pending.pipes):
+            self._close_pipe(pending, fd)
 
     # ---- time
 

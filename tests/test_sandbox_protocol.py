@@ -197,3 +197,22 @@ async def test_closing_a_session_frees_its_processes(pool: SandboxPool) -> None:
     assert sum(k["processes"] for k in await pool.ping()) >= before + 2
     await session.close()
     assert sum(k["processes"] for k in await pool.ping()) == before
+
+
+async def test_concurrent_sessions_never_mix_outputs(pool: SandboxPool) -> None:
+    """Pipes of one run are never read or closed by another (regression: fd reuse)."""
+    sessions = await asyncio.gather(*(pool.open_session() for _ in range(8)))
+
+    async def drive(i: int) -> list[str]:
+        wrong = []
+        for k in range(150):
+            result = await sessions[i].exec(f"print('s{i}-{k}')")
+            if (result.status, result.stdout) != ("ok", f"s{i}-{k}\n"):
+                wrong.append(f"{result.status}: {result.stdout!r}")
+        return wrong
+
+    try:
+        outcomes = await asyncio.gather(*(drive(i) for i in range(8)))
+        assert [w for w in outcomes if w] == []
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
