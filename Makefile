@@ -4,14 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
 
-.PHONY: test lint demo sandbox-image bench clean
+.PHONY: test lint demo models sandbox-image bench clean
 
+# torch first, pinned: the CPU build 2.13.0, so that no other package pulls a CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $@
+
+# The embedded model, cached under the user's cache (works offline once fetched).
+models: $(STAMP)
+	$(BIN)/critloop models fetch
 
 # Builds the image when an engine answers; without one, Docker tests skip (CI makes them fail).
 sandbox-image: $(STAMP)
@@ -30,14 +37,15 @@ lint: $(STAMP)
 	for d in agent tools graphs sandbox; do ln -s "$(CURDIR)/$$d" .typecheck/critloop/$$d; done
 	cd .typecheck && $(CURDIR)/$(BIN)/mypy --config-file ../pyproject.toml -p critloop
 
-test: lint sandbox-image
+test: lint sandbox-image models
 	$(BIN)/pytest
 
 demo: sandbox-image
 	$(BIN)/python examples/sandbox_demo.py
 
-bench: sandbox-image
+bench: sandbox-image models
 	$(BIN)/python benchmarks/bench_sandbox.py
+	$(BIN)/python benchmarks/bench_models.py
 
 clean:
 	-$(BIN)/critloop sandbox clean --all

@@ -14,6 +14,9 @@ __all__ = [
     "SandboxImageError",
     "SandboxClosedError",
     "SandboxProtocolError",
+    "ModelError",
+    "ModelEndpointError",
+    "ModelResponseError",
 ]
 
 
@@ -43,3 +46,16 @@ class SandboxClosedError(SandboxError):
 
 class SandboxProtocolError(SandboxError):
     """The kernel answered something that breaks the protocol (a bug, or a version mismatch)."""
+
+
+class ModelError(CritloopError):
+    """Base class of model-layer failures (never raised for what a model *says*)."""
+
+
+class ModelEndpointError(ModelError):
+    """A model endpoint could not be used: unreachable, or failing after every retry, or it
+    refused the request. The message names the endpoint and the last failure."""
+
+
+class ModelResponseError(ModelError):
+    """A model endpoint answered something that breaks the OpenAI completions schema."""

@@ -9,6 +9,8 @@ import pytest
 
 from critloop.sandbox import SandboxConfig, SandboxPool
 
+pytest_plugins = ["model_fixtures"]
+
 REQUIRE_DOCKER = os.environ.get("CRITLOOP_REQUIRE_DOCKER") == "1"
 
 

@@ -1,0 +1,73 @@
+"""The configuration file: one TOML file configures every entry point; flags override it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from critloop.errors import ConfigError
+from critloop.sandbox import SandboxConfig
+from critloop.tools.endpoint import EndpointConfig
+
+__all__ = ["CritloopConfig", "load_config"]
+
+
+class CritloopConfig(BaseModel):
+    """The whole configuration. With no file, everything is the embedded default.
+
+    Example:
+        >>> CritloopConfig().policy.kind
+        'embedded'
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy: EndpointConfig = Field(default_factory=EndpointConfig)
+    """The model that writes solutions."""
+    critic: EndpointConfig = Field(default_factory=EndpointConfig)
+    """The GenPRM (or instruct) critic."""
+    refiner: EndpointConfig | None = None
+    """The model that rewrites a flagged step; None: the policy's endpoint."""
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    """The code sandbox of the critic."""
+
+    @property
+    def refiner_endpoint(self) -> EndpointConfig:
+        return self.refiner or self.policy
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> CritloopConfig:
+    """Read a TOML file (or nothing) and apply dotted overrides such as ``{"critic.base_url": ...}``.
+
+    Errors name the file and the key: ``critloop.toml: critic.base_url: ...``.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *tables, key = dotted.split(".")
+        target = data
+        for table in tables:
+            target = target.setdefault(table, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: {table} must be a table")
+        target[key] = value
+    try:
+        return CritloopConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,107 @@
+"""The contract every completion backend passes: the in-process engine and a real llama.cpp server."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.completion import CompletionModel, SamplingParams
+from critloop.tools.embedded import CachedModel
+
+
+@pytest.fixture(params=["engine", "llama.cpp"])
+def backend(request: pytest.FixtureRequest) -> CompletionModel:
+    return request.getfixturevalue("engine" if request.param == "engine" else "llama_client")
+
+
+@pytest.fixture(scope="module")
+def prompt(embedded: CachedModel) -> str:
+    return ChatTemplate.from_pretrained(str(embedded.path)).render(
+        [{"role": "user", "content": "Write a short story about a robot who learns to count."}],
+        add_generation_prompt=True,
+    )
+
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0)
+
+
+async def test_length_finish_at_max_tokens(backend: CompletionModel, prompt: str) -> None:
+    result = await backend.complete(prompt, SamplingParams(max_tokens=6, temperature=0))
+    (choice,) = result.choices
+    assert choice.finish_reason == "length"
+    assert result.completion_tokens == 6
+    assert choice.text and choice.stop is None
+
+
+async def test_stop_strings_end_generation_kept_or_dropped(backend: CompletionModel, prompt: str) -> None:
+    full = (await backend.complete(prompt, GREEDY)).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: {full!r}"
+    cut = full.find(stop)
+    dropped = (await backend.complete(prompt, GREEDY.model_copy(update={"stop": (stop,)}))).choices[0]
+    assert (dropped.text, dropped.finish_reason, dropped.stop) == (full[:cut], "stop", stop)
+    kept = (
+        await backend.complete(prompt, GREEDY.model_copy(update={"stop": (stop,), "include_stop": True}))
+    ).choices[0]
+    assert (kept.text, kept.finish_reason, kept.stop) == (full[: cut + len(stop)], "stop", stop)
+
+
+async def test_the_earliest_of_several_stop_strings_wins(backend: CompletionModel, prompt: str) -> None:
+    full = (await backend.complete(prompt, GREEDY)).choices[0].text
+    late, early = full[-6:-3], full[len(full) // 3 : len(full) // 3 + 2]
+    assert late.strip() and early.strip()
+    params = GREEDY.model_copy(update={"stop": (late, early), "include_stop": True})
+    choice = (await backend.complete(prompt, params)).choices[0]
+    first = min((full.find(s), s) for s in (late, early))
+    assert choice.stop == first[1]
+    assert choice.text == full[: first[0] + len(first[1])]
+
+
+async def test_logprobs_are_sane_and_include_the_chosen_token(backend: CompletionModel, prompt: str) -> None:
+    result = await backend.complete(prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=5))
+    tokens = result.choices[0].tokens
+    assert tokens is not None and len(tokens) == result.completion_tokens
+    assert "".join(t.token for t in tokens) == result.choices[0].text
+    for token in tokens:
+        assert -50 < token.logprob <= 1e-4
+        assert 5 <= len(token.top) <= 6
+        assert [t.logprob for t in token.top] == sorted((t.logprob for t in token.top), reverse=True)
+        assert any(
+            t.token == token.token and math.isclose(t.logprob, token.logprob, abs_tol=1e-4) for t in token.top
+        )
+        assert token.top[0].token == token.token  # greedy: the chosen token is the most likely
+        assert sum(math.exp(t.logprob) for t in token.top) <= 1 + 1e-3
+
+
+async def test_n_samples_and_usage_add_up(backend: CompletionModel, prompt: str) -> None:
+    result = await backend.complete(prompt, SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=11))
+    assert len(result.choices) == 3
+    assert all(c.completion_tokens >= 1 for c in result.choices)
+    assert result.completion_tokens == sum(c.completion_tokens for c in result.choices)
+
+
+async def test_prompt_tokens_match_the_tokenizer(
+    backend: CompletionModel, prompt: str, embedded: CachedModel
+) -> None:
+    expected = len(ChatTemplate.from_pretrained(str(embedded.path)).tokenizer(prompt)["input_ids"])
+    result = await backend.complete(prompt, SamplingParams(max_tokens=1, temperature=0))
+    assert abs(result.prompt_tokens - expected) <= 1  # llama.cpp may count a BOS token
+
+
+async def test_seeded_sampling_repeats(backend: CompletionModel, prompt: str) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=20, seed=1234)
+    first = await backend.complete(prompt, params)
+    again = await backend.complete(prompt, params)
+    assert first.choices[0].text == again.choices[0].text
+
+
+async def test_both_backends_agree_on_greedy_text(
+    engine: CompletionModel, llama_client: CompletionModel, prompt: str
+) -> None:
+    """Same GGUF weights: the first greedy tokens agree (llama.cpp runs the quantised weights)."""
+    params = SamplingParams(max_tokens=4, temperature=0)
+    ours = (await engine.complete(prompt, params)).choices[0].text
+    theirs = (await llama_client.complete(prompt, params)).choices[0].text
+    assert ours.split()[:1] == theirs.split()[:1]
