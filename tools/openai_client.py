@@ -89,6 +89,7 @@ class OpenAICompletionModel:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
         self._url = f"{self.base_url}/completions"
+        self._timeout = timeout_seconds
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -134,13 +135,14 @@ class OpenAICompletionModel:
         while len(choices) < params.n:
             seed = None if params.seed is None else params.seed + len(choices)
             missing = params.n - len(choices)
-            more = await asyncio.gather(
-                *(
-                    self._post(self._body(prompt, params, 1, None if seed is None else seed + i))
+            async with asyncio.TaskGroup() as group:  # one failure cancels the others
+                tasks = [
+                    group.create_task(
+                        self._post(self._body(prompt, params, 1, None if seed is None else seed + i))
+                    )
                     for i in range(missing)
-                )
-            )
-            for extra in more:
+                ]
+            for extra in (t.result() for t in tasks):
                 parsed, _, tokens = self._parse(extra, params)
                 if not parsed:
                     raise ModelResponseError(f"{self._url}: a response held no choices")
@@ -180,9 +182,13 @@ class OpenAICompletionModel:
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._client.post(self._url, json=body)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(f"timed out ({type(exc).__name__})") from exc
+            # httpx limits each read; this limits the whole answer (a trickling server too).
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.post(self._url, json=body)
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise _Retryable(f"timed out after {self._timeout:g}s ({type(exc).__name__})") from exc
+        except httpx.DecodingError as exc:
+            raise ModelResponseError(f"{self._url} answered a body that does not decode: {exc}") from None
         except httpx.TransportError as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__}: {exc})") from exc
         if response.status_code in _RETRY_STATUS:
@@ -206,20 +212,34 @@ class OpenAICompletionModel:
     # ------------------------------------------------------------------ responses
 
     def _parse(self, data: dict[str, Any], params: SamplingParams) -> tuple[list[Completion], int, int]:
+        try:
+            return self._parse_checked(data, params)
+        except ModelResponseError:
+            raise
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise ModelResponseError(
+                f"{self._url}: malformed response ({type(exc).__name__}: {exc})"
+            ) from None
+
+    def _parse_checked(
+        self, data: dict[str, Any], params: SamplingParams
+    ) -> tuple[list[Completion], int, int]:
         raw_choices = data.get("choices")
         if not isinstance(raw_choices, list) or not raw_choices:
             raise ModelResponseError(f"{self._url}: the response has no `choices` list")
-        raw_choices = sorted(raw_choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        raw_choices = sorted(
+            raw_choices,
+            key=lambda c: c["index"] if isinstance(c, dict) and isinstance(c.get("index"), int) else 0,
+        )
         choices = [self._choice(c, params) for c in raw_choices]
         usage = data.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            prompt_tokens = usage["prompt_tokens"]
-            completion_tokens = usage.get("completion_tokens")
-            if not isinstance(completion_tokens, int):
-                completion_tokens = sum(c.completion_tokens for c in choices)
-        else:
+        if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             raise ModelResponseError(f"{self._url}: the response has no `usage.prompt_tokens`")
-        if all(c.completion_tokens == 0 for c in choices) and len(choices) == 1:
+        prompt_tokens = usage["prompt_tokens"]
+        completion_tokens = usage.get("completion_tokens")
+        if not isinstance(completion_tokens, int):
+            completion_tokens = sum(c.completion_tokens for c in choices)
+        if len(choices) == 1 and choices[0].completion_tokens == 0:
             choices = [choices[0].model_copy(update={"completion_tokens": completion_tokens})]
         return choices, prompt_tokens, completion_tokens
 
@@ -228,7 +248,7 @@ class OpenAICompletionModel:
             raise ModelResponseError(f"{self._url}: a choice has no `text` string")
         text: str = raw["text"]
         finish = raw.get("finish_reason")
-        tokens = self._tokens(raw.get("logprobs"))
+        tokens = self._tokens(raw.get("logprobs"), params.logprobs)
         stop: str | None = None
         if finish == "stop" and params.stop:
             stop = self._which_stop(raw, text, tokens, params)
@@ -268,63 +288,69 @@ class OpenAICompletionModel:
                     return found[1]
         return None
 
-    def _tokens(self, logprobs: Any) -> list[TokenLogprob] | None:
+    def _tokens(self, logprobs: Any, k: int | None) -> list[TokenLogprob] | None:
+        """Per-token logprobs; ``top`` keeps the ``k`` most likely alternatives plus the chosen token."""
         if logprobs is None:
             return None
         if not isinstance(logprobs, dict):
             raise ModelResponseError(f"{self._url}: `logprobs` is not an object")
+        keep = k if k is not None else 1
         if "content" in logprobs and "tokens" not in logprobs:
-            return self._chat_style_tokens(logprobs["content"])
+            return self._chat_style_tokens(logprobs["content"], keep)
         tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
-        tops = logprobs.get("top_logprobs") or [None] * len(tokens or [])
         if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
             raise ModelResponseError(f"{self._url}: `logprobs.tokens` and `token_logprobs` do not match")
+        tops = logprobs.get("top_logprobs") or [None] * len(tokens)
         if not isinstance(tops, list) or len(tops) != len(tokens):
             raise ModelResponseError(f"{self._url}: `logprobs.top_logprobs` does not match the tokens")
         result = []
         for token, value, top in zip(tokens, values, tops, strict=True):
             text, token_id = _token(token)
-            if not isinstance(value, int | float) or math.isnan(value):
+            if not _is_number(value):
                 raise ModelResponseError(f"{self._url}: token {token!r} has no logprob")
             alternatives = []
             if isinstance(top, dict):
-                for alt, alt_value in sorted(
-                    top.items(), key=lambda kv: -kv[1] if kv[1] is not None else math.inf
-                ):
-                    if isinstance(alt_value, int | float):
-                        alt_text, alt_id = _token(alt)
-                        alternatives.append(TopLogprob(token=alt_text, id=alt_id, logprob=float(alt_value)))
-            chosen = TopLogprob(token=text, id=token_id, logprob=float(value))
-            if not any(a.token == text and (a.id is None or a.id == token_id) for a in alternatives):
-                alternatives.append(chosen)
-            result.append(
-                TokenLogprob(token=text, id=token_id, logprob=float(value), top=tuple(alternatives))
-            )
+                numeric = [(alt, float(v)) for alt, v in top.items() if _is_number(v)]
+                for alt, alt_value in sorted(numeric, key=lambda kv: -kv[1])[:keep]:
+                    alt_text, alt_id = _token(alt)
+                    alternatives.append(TopLogprob(token=alt_text, id=alt_id, logprob=alt_value))
+            result.append(self._with_chosen(text, token_id, float(value), alternatives))
         return result
 
-    def _chat_style_tokens(self, content: Any) -> list[TokenLogprob]:
+    def _chat_style_tokens(self, content: Any, keep: int) -> list[TokenLogprob]:
+        """llama.cpp's newer ``logprobs.content`` form (as in the chat API)."""
         if not isinstance(content, list):
             raise ModelResponseError(f"{self._url}: `logprobs.content` is not a list")
         result = []
         for entry in content:
-            if not isinstance(entry, dict) or not isinstance(entry.get("logprob"), int | float):
+            if not isinstance(entry, dict) or not _is_number(entry.get("logprob")):
                 raise ModelResponseError(f"{self._url}: a `logprobs.content` entry has no logprob")
             text, token_id = _token(entry.get("token", ""))
-            tops = [
+            alternatives = [
                 TopLogprob(
                     token=_token(t.get("token", ""))[0],
                     id=_token(t.get("token", ""))[1],
                     logprob=float(t["logprob"]),
                 )
                 for t in entry.get("top_logprobs") or []
-                if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)
+                if isinstance(t, dict) and _is_number(t.get("logprob"))
             ]
-            if not any(t.token == text for t in tops):
-                tops.append(TopLogprob(token=text, id=token_id, logprob=float(entry["logprob"])))
-            result.append(
-                TokenLogprob(token=text, id=token_id, logprob=float(entry["logprob"]), top=tuple(tops))
-            )
+            alternatives = sorted(alternatives, key=lambda t: -t.logprob)[:keep]
+            result.append(self._with_chosen(text, token_id, float(entry["logprob"]), alternatives))
         return result
+
+    @staticmethod
+    def _with_chosen(text: str, token_id: int | None, logprob: float, top: list[TopLogprob]) -> TokenLogprob:
+        """The token, with itself among its alternatives (as vLLM and the engine return it)."""
+        if not any(t.token == text and (t.id is None or t.id == token_id) for t in top):
+            top = sorted(
+                [*top, TopLogprob(token=text, id=token_id, logprob=logprob)], key=lambda t: -t.logprob
+            )
+        return TokenLogprob(token=text, id=token_id, logprob=logprob, top=tuple(top))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def _token(raw: Any) -> tuple[str, int | None]:
