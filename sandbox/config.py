@@ -55,7 +55,7 @@ class SandboxConfig(BaseModel):
     """Most processes and threads one container may hold (stops fork bombs)."""
 
     tmpfs_mb: int = Field(default=64, ge=1)
-    """Size of each writable tmpfs in a container (``/tmp`` and the sessions' work dir)."""
+    """Size of the one writable tmpfs of a container (``/work``: the sessions' own directories)."""
 
     max_file_mb: int = Field(default=32, ge=1)
     """Largest file a run may write (``RLIMIT_FSIZE``)."""

@@ -109,7 +109,8 @@ def reap_orphans(client: Any, *, everything: bool = False, dry_run: bool = False
 class DockerBackend(SandboxBackend):
     """Kernels in locked-down containers of the sandbox image.
 
-    Each container: no network, read-only root, size-capped tmpfs for ``/tmp`` and ``/work``,
+    Each container: no network, read-only root (no shared ``/tmp``, no ``/dev/shm``), a size-capped
+    tmpfs ``/work`` for the sessions' own directories,
     a non-root user, every capability dropped, ``no-new-privileges``, pids / memory / CPU /
     file-size / open-file limits, no core dumps, an init process, no logs, and labels that let
     :func:`reap_orphans` remove it if this process dies without cleaning up.
@@ -150,14 +151,14 @@ class DockerBackend(SandboxBackend):
             "image": self.image,
             "stdin_open": True,
             "tty": False,
-            "detach": True,
+            "detach": False,  # with stdin_open: StdinOnce, so the kernel sees EOF when we go away
             "auto_remove": True,
             "network_mode": "none",
             "read_only": True,
-            "tmpfs": {
-                "/tmp": f"{tmpfs_flags},mode=1777",
-                "/work": f"{tmpfs_flags},uid=10001,gid=10001,mode=0700",
-            },
+            # One size-capped tmpfs: each session's own directory (its cwd, HOME and TMPDIR)
+            # lives in it and is removed at close. No shared /tmp or /dev/shm: a file one
+            # session leaves there would be seen by every later session of the container.
+            "tmpfs": {"/work": f"{tmpfs_flags},uid=10001,gid=10001,mode=0700"},
             "user": _SANDBOX_UID,
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
@@ -166,7 +167,7 @@ class DockerBackend(SandboxBackend):
             "memswap_limit": memory,
             "nano_cpus": int(cfg.cpus * 1e9),
             "init": True,
-            "ipc_mode": "private",
+            "ipc_mode": "none",
             "ulimits": [
                 Ulimit(name="nofile", soft=1024, hard=1024),
                 Ulimit(name="fsize", soft=file_limit, hard=file_limit),

@@ -41,6 +41,7 @@ _PREIMPORTS = ("math", "numpy", "sympy")
 _SESSIONS_ROOT_ENV = "CRITLOOP_SESSIONS_ROOT"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_DUMPABLE = 4
 _TRUNCATION_MARKER = "\n[... output truncated: {n} more bytes not shown ...]\n"
 
 
@@ -199,11 +200,13 @@ class _Worker:
         # Orphans of this session's processes stay in this worker's tree, so that closing the
         # session can find and kill every one of them (setsid and double forks included).
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        _prctl(_PR_SET_DUMPABLE, 1)  # /proc/self is root-owned while not dumpable
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write("1000")  # under memory pressure, user code dies before the supervisor
         except OSError:
             pass
+        _prctl(_PR_SET_DUMPABLE, 0)
         self.enter_dir()
         os.dup2(self.devnull, 0)
         os.dup2(self.devnull, 1)
@@ -404,6 +407,7 @@ class _Session:
         self.pending: _Exec | None = None
         self.pending_fork: str | None = None  # the clone this worker is forking
         self.lost_state = False  # the worker died while idle: the next exec reports it
+        self.pidfd = -1
 
 
 class Supervisor:
@@ -425,6 +429,7 @@ class Supervisor:
         # Forks in progress, by clone session id. A fork is answered once the parent has
         # acknowledged it AND the clone has said hello, so both are usable at the reply.
         self.forks: dict[str, _Fork] = {}
+        self.by_pidfd: dict[int, _Session] = {}
 
     # ---- client channel
 
@@ -441,6 +446,7 @@ class Supervisor:
         os.set_blocking(self.proto_in, False)
         self.sel.register(self.proto_in, selectors.EVENT_READ, "proto")
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        _prctl(_PR_SET_DUMPABLE, 0)  # no ptrace or /proc/<pid>/mem access by user code
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.reply({"event": "ready", "pid": os.getpid(), "protocol": PROTOCOL_VERSION})
         while True:
@@ -449,12 +455,30 @@ class Supervisor:
                     if not self._read_proto():
                         self.shutdown()
                         return
-                elif key.data == "worker":
-                    self._read_worker(key.fd)
-                else:
-                    self._read_pipe(key.fd)
-            self._check_deadlines()
-            self._reap()
+                    continue
+                try:
+                    if key.data == "worker":
+                        self._read_worker(key.fd)
+                    elif key.data == "pidfd":
+                        self._pidfd_ready(key.fd)
+                    else:
+                        self._read_pipe(key.fd)
+                except Exception:  # noqa: BLE001 - one session's trouble must not stop the kernel
+                    self._log_bug()
+            try:
+                self._check_deadlines()
+                self._reap()
+            except Exception:  # noqa: BLE001
+                self._log_bug()
+
+    @staticmethod
+    def _log_bug() -> None:
+        import traceback
+
+        try:
+            os.write(2, ("critloop kernel: " + traceback.format_exc()).encode())
+        except OSError:
+            pass
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
@@ -614,7 +638,17 @@ class Supervisor:
     def _spawn(self, sid: str) -> _Session:
         session_dir = os.path.join(self.root, sid)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
+        for attempt in range(400):
+            try:
+                pid = os.fork()
+                break
+            except BlockingIOError:  # zombies or strays still hold the container's pids
+                if attempt == 399:
+                    mine.close()
+                    theirs.close()
+                    raise
+                self._reap()
+                time.sleep(0.005)
         if pid == 0:
             try:
                 mine.close()
@@ -637,6 +671,21 @@ class Supervisor:
         self.sessions[session.sid] = session
         self.by_fd[session.sock.fileno()] = session
         self.sel.register(session.sock, selectors.EVENT_READ, "worker")
+        self._watch(session)
+
+    def _watch(self, session: _Session) -> None:
+        if session.pid and session.pidfd < 0:
+            try:
+                session.pidfd = os.pidfd_open(session.pid)
+            except (OSError, AttributeError):
+                return
+            self.by_pidfd[session.pidfd] = session
+            self.sel.register(session.pidfd, selectors.EVENT_READ, "pidfd")
+
+    def _pidfd_ready(self, fd: int) -> None:
+        session = self.by_pidfd.get(fd)
+        if session is not None and self.sessions.get(session.sid) is session and not _alive(session.pid):
+            self._worker_died(session)
 
     def _unregister(self, session: _Session) -> None:
         if self.sessions.get(session.sid) is session:
@@ -649,6 +698,14 @@ class Supervisor:
             except (KeyError, ValueError):
                 pass
         session.sock.close()
+        if session.pidfd >= 0:
+            self.by_pidfd.pop(session.pidfd, None)
+            try:
+                self.sel.unregister(session.pidfd)
+            except (KeyError, ValueError):
+                pass
+            os.close(session.pidfd)
+            session.pidfd = -1
 
     def _destroy(self, session: _Session) -> None:
         """Kill the worker and everything it started; remove its files."""
@@ -702,6 +759,7 @@ class Supervisor:
             fork = self.forks.get(session.sid)
             if fork is not None and not session.pid and isinstance(msg["hello"], int):
                 session.pid = msg["hello"]
+                self._watch(session)
                 self._fork_progress(session.sid)
             return
         if session.pending_fork is not None:
@@ -758,11 +816,18 @@ class Supervisor:
         self._unregister(session)
         if session.pid:
             _kill_tree(session.pid)
+        self._kill_strays()  # orphans of a worker that died first are our children now
+        self._reap()  # killed processes are zombies that still count against the pids limit
         shutil.rmtree(session.session_dir, ignore_errors=True)
         if session.sid in self.forks:
             self._fail_fork(session.sid, "the clone died before it started")
             return
-        fresh = self._spawn(session.sid)
+        try:
+            fresh = self._spawn(session.sid)
+        except OSError as exc:  # the container's pids are still exhausted: report, do not die
+            if session.pending is not None:
+                self._finish(session, "killed", f"the worker died and could not be restarted: {exc}", False)
+            return
         fresh.lost_state = True
         if session.pending_fork is not None:
             self._fail_fork(session.pending_fork, "the session died during the fork")

@@ -26,7 +26,8 @@ async def test_container_settings(docker_pool: SandboxPool) -> None:
         assert host["NanoCpus"] == int(cfg.cpus * 1e9)
         assert host["Init"] is True
         assert host["LogConfig"]["Type"] == "none"
-        assert set(host["Tmpfs"]) == {"/tmp", "/work"}
+        assert set(host["Tmpfs"]) == {"/work"}  # no shared /tmp: sessions write only to their own dir
+        assert host["IpcMode"] == "none"
         assert all("noexec" in opts and f"size={cfg.tmpfs_mb}m" in opts for opts in host["Tmpfs"].values())
         ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
         assert ulimits["core"] == (0, 0)
