@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 sandbox_app = typer.Typer(help="The Python code sandbox (Docker image, containers).", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+eval_app = typer.Typer(help="Evaluations of the critic.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 models_app = typer.Typer(
     help="Models: the embedded default, and any configured endpoint.", no_args_is_help=True
 )
@@ -296,6 +298,140 @@ def models_complete(
             f"[dim]finish: {result.choices[0].finish_reason}; tokens: {result.prompt_tokens} prompt, "
             f"{result.completion_tokens} completion[/]"
         )
+
+
+@eval_app.command("processbench")
+def eval_processbench(
+    split: Annotated[str, typer.Option(help="gsm8k | math | olympiadbench | omnimath | all")] = "all",
+    data: Annotated[
+        Path | None, typer.Option(help="A ProcessBench JSON/JSONL file, or a folder of <split>.json files.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="critloop.toml")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many records per split.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Critique chains per solution (Maj@N).")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Per-sample results (JSONL); ids already in it are skipped.")
+    ] = Path("results/processbench.jsonl"),
+    concurrency: Annotated[int, typer.Option(help="Solutions critiqued at once.")] = 8,
+) -> None:
+    """Run the critic on ProcessBench and print error / correct accuracy and F1 per split."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from critloop.agent.critic import GenPRMCritic
+    from critloop.config import load_config
+    from critloop.graphs.processbench import (
+        PAPER_F1,
+        SPLITS,
+        evaluate_processbench,
+        load_processbench,
+        metrics,
+        read_results,
+    )
+    from critloop.sandbox import SandboxPool
+
+    splits = list(SPLITS) if split == "all" else [split]
+    if split != "all" and split not in SPLITS:
+        raise _fail(f"--split must be one of {', '.join(SPLITS)} or all, not {split!r}", 2)
+    try:
+        records = []
+        for name in splits:
+            source = _processbench_source(data, name, single=split != "all")
+            if source is None:
+                continue
+            records.extend(load_processbench(source, name)[: limit if limit else None])
+        if not records:
+            raise _fail("no ProcessBench data found: pass --data FILE_OR_FOLDER", 2)
+        cfg = load_config(config)
+    except CritloopError as exc:
+        raise _fail(str(exc), 2) from None
+
+    async def run() -> None:
+        async with SandboxPool(cfg.sandbox) as pool:
+            critic = GenPRMCritic.from_config(cfg.critic, pool)
+            try:
+                with Progress(
+                    TextColumn("processbench"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    console=err,
+                ) as progress:
+                    task = progress.add_task("critique", total=len(records))
+                    done = {(r.get("split"), r.get("id")) for r in read_results(out)}
+                    progress.update(task, completed=sum((r.split, r.id) in done for r in records))
+                    await evaluate_processbench(
+                        critic,
+                        records,
+                        out,
+                        samples=n,
+                        concurrency=concurrency,
+                        on_result=lambda _line: progress.advance(task),
+                    )
+            finally:
+                await critic.model.aclose()
+
+    try:
+        asyncio.run(run())
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    wanted = {(r.split, r.id) for r in records}
+    table_rows = metrics(r for r in read_results(out) if (r.get("split"), r.get("id")) in wanted)
+    table = Table("split", "erroneous", "correct", "error acc", "correct acc", "F1", "failed", *PAPER_F1)
+    for m in table_rows:
+        table.add_row(
+            m.split,
+            str(m.erroneous),
+            str(m.correct),
+            f"{m.error_accuracy:.1f}",
+            f"{m.correct_accuracy:.1f}",
+            f"{m.f1:.1f}",
+            str(m.failed),
+            *(f"{ref[m.split]:.1f}" for ref in PAPER_F1.values()),
+        )
+    average = sum(m.f1 for m in table_rows) / len(table_rows) if table_rows else 0.0
+    table.add_row(
+        "average",
+        "",
+        "",
+        "",
+        "",
+        f"{average:.1f}",
+        "",
+        *(f"{ref['average']:.1f}" for ref in PAPER_F1.values()),
+    )
+    console.print(table)
+    console.print(f"results: {out}")
+    for m in table_rows:
+        print(f"F1 {m.split}: {m.f1:.1f}")
+    print(f"F1 average: {average:.1f}")
+
+
+def _processbench_source(data: Path | None, split: str, *, single: bool) -> Path | None:
+    """Where a split's data is: --data (a file, or a folder of <split>.json[l]), else the shared copy."""
+    candidates: list[Path] = []
+    if data is not None and data.is_file():
+        return data if single or data.stem == split else None
+    folders = (
+        [data]
+        if data is not None
+        else [Path("../shared/data/processbench"), Path("shared/data/processbench")]
+    )
+    for folder in folders:
+        candidates += [folder / f"{split}.json", folder / f"{split}.jsonl"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None and data is not None:
+        raise CritloopError(f"no {split}.json or {split}.jsonl in {data}")
+    if found is None:
+        try:  # the hub dataset, when a hub is reachable
+            from huggingface_hub import hf_hub_download
+
+            found = Path(hf_hub_download("Qwen/ProcessBench", f"{split}.json", repo_type="dataset"))
+        except Exception as exc:  # noqa: BLE001 - offline, or no such file: say what to do instead
+            raise CritloopError(
+                f"no local ProcessBench data for {split} and the hub dataset Qwen/ProcessBench is not "
+                f"reachable ({type(exc).__name__}): pass --data FILE_OR_FOLDER"
+            ) from None
+    return found
 
 
 def main() -> None:

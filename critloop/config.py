@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from critloop.agent.critic import CriticConfig
 from critloop.errors import ConfigError
 from critloop.sandbox import SandboxConfig
 from critloop.tools.endpoint import EndpointConfig
@@ -27,8 +28,8 @@ class CritloopConfig(BaseModel):
 
     policy: EndpointConfig = Field(default_factory=EndpointConfig)
     """The model that writes solutions."""
-    critic: EndpointConfig = Field(default_factory=EndpointConfig)
-    """The GenPRM (or instruct) critic."""
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    """The GenPRM (or instruct) critic: its endpoint and options (profile, samples, threshold, ...)."""
     refiner: EndpointConfig | None = None
     """The model that rewrites a flagged step; None: the policy's endpoint."""
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)

@@ -1,0 +1,224 @@
+"""ProcessBench evaluation of a critic: predict the earliest wrong step of labelled solutions.
+
+ProcessBench (Zheng et al., 2024) labels each solution with the 0-based index of its earliest
+wrong step, or -1 when every step is right. The critic runs a first-error scan; its prediction is
+the first flagged step (-1 when all pass). Per split: accuracy on erroneous samples, accuracy on
+correct samples, and their harmonic mean (F1); the benchmark's score is the mean of the split F1s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from critloop.agent.critic import GenPRMCritic
+from critloop.errors import ConfigError, CritloopError
+
+__all__ = [
+    "PAPER_F1",
+    "SPLITS",
+    "ProcessBenchRecord",
+    "SplitMetrics",
+    "evaluate_processbench",
+    "load_processbench",
+    "metrics",
+    "read_results",
+]
+
+SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
+PAPER_F1 = {
+    "GenPRM-7B Pass@1": {
+        "gsm8k": 78.7,
+        "math": 80.3,
+        "olympiadbench": 72.2,
+        "omnimath": 69.8,
+        "average": 75.2,
+    },
+    "GenPRM-7B Maj@8": {
+        "gsm8k": 81.0,
+        "math": 85.7,
+        "olympiadbench": 78.4,
+        "omnimath": 76.8,
+        "average": 80.5,
+    },
+}
+"""The paper's ProcessBench F1 for GenPRM-7B (Zhao et al., AAAI 2026), for comparison."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessBenchRecord:
+    id: str
+    split: str
+    problem: str
+    steps: tuple[str, ...]
+    label: int
+    """0-based index of the earliest wrong step; -1 when every step is right."""
+
+
+def _records(rows: Iterable[Any], split: str, source: str) -> list[ProcessBenchRecord]:
+    records = []
+    for line, row in enumerate(rows, start=1):
+        where = f"{source}: record {line}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} is not an object")
+        missing = [k for k in ("id", "problem", "steps", "label") if k not in row]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)}")
+        steps = row["steps"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise ConfigError(f"{where}: `steps` must be a non-empty list of strings")
+        label = row["label"]
+        if not isinstance(label, int) or not -1 <= label < len(steps):
+            raise ConfigError(f"{where}: `label` must be -1 or a step index, not {label!r}")
+        records.append(
+            ProcessBenchRecord(
+                id=str(row["id"]), split=split, problem=str(row["problem"]), steps=tuple(steps), label=label
+            )
+        )
+    return records
+
+
+def load_processbench(source: str | Path, split: str | None = None) -> list[ProcessBenchRecord]:
+    """Records from a ProcessBench file (JSON list or JSONL); the split defaults to the file name."""
+    path = Path(source)
+    split = split or path.stem
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        return _records(rows, split, str(path))
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {number} is not valid JSON: {exc.msg}") from None
+    return _records(rows, split, str(path))
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The result lines of an evaluation file (a torn last line, from a crash, is ignored)."""
+    results = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            results.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return results
+
+
+async def evaluate_processbench(
+    critic: GenPRMCritic,
+    records: Sequence[ProcessBenchRecord],
+    out: str | Path,
+    *,
+    samples: int | None = None,
+    concurrency: int = 8,
+    on_result: Callable[[dict[str, Any]], None] = lambda _r: None,
+) -> list[dict[str, Any]]:
+    """Critique every record not yet in ``out`` and append one JSON line per record.
+
+    Resumable: ids already in ``out`` are skipped. Each line is written whole (write, flush,
+    fsync), so a killed run never leaves a torn line behind a finished one. A record whose
+    critique fails (endpoint down after retries, sandbox gone) is written with ``error`` set.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r.get("split"), r.get("id")) for r in read_results(out)}
+    todo = [r for r in records if (r.split, r.id) not in done]
+    limit = asyncio.Semaphore(concurrency)
+    lock = asyncio.Lock()
+    results: list[dict[str, Any]] = []
+    with out.open("a", encoding="utf-8") as sink:
+
+        async def one(record: ProcessBenchRecord) -> None:
+            async with limit:
+                line: dict[str, Any] = {"id": record.id, "split": record.split, "label": record.label}
+                try:
+                    report = await critic.critique(record.problem, record.steps, samples=samples)
+                except CritloopError as exc:
+                    line.update(prediction=None, step_rewards=[], error=f"{type(exc).__name__}: {exc}")
+                else:
+                    first = report.first_error
+                    line.update(
+                        prediction=-1 if first is None else first,
+                        step_rewards=report.rewards,
+                        error=None,
+                        usage=report.usage.model_dump(),
+                        critiques=[
+                            [
+                                {"text": c.text, "verdict": c.verdict, "reward": c.reward, "forced": c.forced}
+                                for c in s.chains
+                            ]
+                            for s in report.step_reports
+                        ],
+                    )
+                async with lock:
+                    sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                results.append(line)
+                on_result(line)
+
+        await asyncio.gather(*(one(r) for r in todo))
+    return results
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitMetrics:
+    split: str
+    erroneous: int
+    correct: int
+    error_accuracy: float
+    """Share of erroneous samples whose earliest wrong step was found exactly (percent)."""
+    correct_accuracy: float
+    """Share of all-correct samples predicted all-correct (percent)."""
+    f1: float
+    """Harmonic mean of the two accuracies (percent)."""
+    failed: int
+    """Records that ended in an error (not counted in the accuracies)."""
+
+
+def metrics(results: Iterable[dict[str, Any]]) -> list[SplitMetrics]:
+    """Per-split ProcessBench metrics of result lines, in :data:`SPLITS` order (others after)."""
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_split.setdefault(str(result.get("split")), []).append(result)
+    order = [s for s in SPLITS if s in by_split] + sorted(s for s in by_split if s not in SPLITS)
+    table = []
+    for split in order:
+        rows = [r for r in by_split[split] if r.get("error") is None and r.get("prediction") is not None]
+        wrong = [r for r in rows if r["label"] != -1]
+        right = [r for r in rows if r["label"] == -1]
+        error_acc = 100.0 * sum(r["prediction"] == r["label"] for r in wrong) / len(wrong) if wrong else 0.0
+        correct_acc = 100.0 * sum(r["prediction"] == -1 for r in right) / len(right) if right else 0.0
+        f1 = 2 * error_acc * correct_acc / (error_acc + correct_acc) if error_acc + correct_acc else 0.0
+        table.append(
+            SplitMetrics(
+                split=split,
+                erroneous=len(wrong),
+                correct=len(right),
+                error_accuracy=error_acc,
+                correct_accuracy=correct_acc,
+                f1=f1,
+                failed=len(by_split[split]) - len(rows),
+            )
+        )
+    return table

@@ -1,0 +1,306 @@
+"""The GenPRM critic on scripted models: every branch of the protocol, Maj@N, reuse, robustness."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+from critic_script import DECISIONS, Plan, paragraph, scripted_genprm
+
+from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.agent.critic_protocol import ANALYZE_PREFIX, FORCED_JUDGEMENT, VERIFY_PREFIX
+from critloop.errors import ModelEndpointError
+from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.completion import SamplingParams
+from critloop.tools.embedded import CachedModel
+from critloop.tools.fakes import ScriptedCompletionModel
+
+PROBLEM = "What is 2 + 3 * 4?"
+STEPS = ["First, 3 * 4 = 12.", "Then 2 + 12 = 15.", "The answer is \\boxed{15}."]
+YES = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4))
+NO = math.exp(-1.8) / (math.exp(-1.8) + math.exp(-0.2))
+
+
+@pytest.fixture(scope="module")
+def template(embedded: CachedModel) -> ChatTemplate:
+    return ChatTemplate.from_pretrained(str(embedded.path))
+
+
+@pytest.fixture(scope="module")
+async def pool() -> AsyncIterator[SandboxPool]:
+    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
+        yield sandbox
+
+
+def critic(model, template, pool, **options) -> GenPRMCritic:  # type: ignore[no-untyped-def]
+    return GenPRMCritic(model, template, pool, CriticConfig(**options))
+
+
+async def test_a_clean_solution_passes_with_logprob_rewards(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    assert report.all_pass and report.first_error is None
+    assert [round(r, 6) for r in report.rewards] == [round(YES, 6)] * 3
+    chain = report.step_reports[0].chains[0]
+    assert (chain.verdict, chain.reward_source, chain.forced) == ("yes", "logprobs", False)
+    assert chain.code_runs[0].code == "print(2 + 3)" and chain.code_runs[0].output == "5"
+    assert chain.text.startswith(ANALYZE_PREFIX.format(k=1))
+    assert "[Code Output]\n\n```\n5\n```\n" in chain.text
+    assert chain.text.endswith("$\\boxed{Yes}$\n</output>\n")
+    assert chain.calls == 3 and report.usage.calls == 9
+    assert report.step_reports[0].verdicts == {"yes": 1, "no": 0, "none": 0}
+
+
+async def test_first_error_scan_stops_at_the_flagged_step(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({2: Plan(verdict="No")})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    assert report.first_error == 1
+    assert [s.index for s in report.step_reports] == [0, 1]
+    assert math.isclose(report.step_reports[1].reward, NO)
+    assert report.step_reports[1].flagged and not report.all_pass
+    assert {paragraph(p) for p, _ in model.calls} == {1, 2}
+
+
+async def test_scan_all_scores_every_step(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({2: Plan(verdict="No")})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS, scan="all")
+    assert [s.flagged for s in report.step_reports] == [False, True, False]
+
+
+async def test_golden_prompts_under_the_embedded_template(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    c1, c2 = (s.chains[0].text for s in report.step_reports[:2])
+    analyze_prompts = [p for p, _ in model.calls if p.endswith("step by step: ")]
+    system = (
+        "<|im_start|>system\nYou are a math teacher. Your task is to review and critique the paragraphs "
+        "in solution step by step.<|im_end|>\n"
+    )
+    assert analyze_prompts == [
+        system + f"<|im_start|>user\n{PROBLEM}\n{STEPS[0]}" + ANALYZE_PREFIX.format(k=1),
+        system
+        + f"<|im_start|>user\n{PROBLEM}\n{STEPS[0]}<|im_end|>\n"
+        + f"<|im_start|>assistant\n{c1}<|im_end|>\n"
+        + f"<|im_start|>user\n{STEPS[1]}"
+        + ANALYZE_PREFIX.format(k=2),
+        system
+        + f"<|im_start|>user\n{PROBLEM}\n{STEPS[0]}<|im_end|>\n"
+        + f"<|im_start|>assistant\n{c1}<|im_end|>\n"
+        + f"<|im_start|>user\n{STEPS[1]}<|im_end|>\n"
+        + f"<|im_start|>assistant\n{c2}<|im_end|>\n"
+        + f"<|im_start|>user\n{STEPS[2]}"
+        + ANALYZE_PREFIX.format(k=3),
+    ]
+
+
+DEEPSEEK_STYLE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% else %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+async def test_golden_prompts_under_a_deepseek_r1_distill_style_template(template, pool) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    tokenizer = copy.deepcopy(template.tokenizer)
+    tokenizer.chat_template = DEEPSEEK_STYLE
+    tokenizer.bos_token = "<｜begin▁of▁sentence｜>"
+    tokenizer.eos_token = "<｜end▁of▁sentence｜>"
+    model = scripted_genprm({})
+    report = await critic(model, ChatTemplate(tokenizer), pool).critique(PROBLEM, STEPS, scan="all")
+    c1, c2 = (s.chains[0].text for s in report.step_reports[:2])
+    head = (
+        "<｜begin▁of▁sentence｜>You are a math teacher. Your task is to review and critique the paragraphs "
+        "in solution step by step."
+    )
+    analyze_prompts = [p for p, _ in model.calls if p.endswith("step by step: ")]
+    assert analyze_prompts == [
+        head + f"<｜User｜>{PROBLEM}\n{STEPS[0]}" + ANALYZE_PREFIX.format(k=1),
+        head
+        + f"<｜User｜>{PROBLEM}\n{STEPS[0]}<｜Assistant｜>{c1}<｜end▁of▁sentence｜><｜User｜>{STEPS[1]}"
+        + ANALYZE_PREFIX.format(k=2),
+        head
+        + f"<｜User｜>{PROBLEM}\n{STEPS[0]}<｜Assistant｜>{c1}<｜end▁of▁sentence｜><｜User｜>{STEPS[1]}"
+        + f"<｜Assistant｜>{c2}<｜end▁of▁sentence｜><｜User｜>{STEPS[2]}"
+        + ANALYZE_PREFIX.format(k=3),
+    ]
+
+
+async def test_stage_requests_follow_the_protocol(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({})
+    await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    (_p1, s1), (p2, s2), (p3, _s3) = model.calls
+    assert s1.stop == ("</analyze>\n",) and s1.include_stop and s1.logprobs == 20
+    assert (s1.temperature, s1.top_p, s1.top_k, s1.repetition_penalty) == (0.6, 0.95, 20, 1.0)
+    assert p2.endswith("</analyze>\n" + VERIFY_PREFIX)
+    assert s2.stop == ("\n```\n", "</output>\n") and s2.include_stop
+    assert p3.endswith("print(2 + 3)\n```\n[Code Output]\n\n```\n5\n```\n")
+
+
+async def test_multi_round_code_keeps_state_within_the_critique(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(code=["a = 6 * 7", "print(a)"])})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    runs = report.step_reports[0].chains[0].code_runs
+    assert [(r.code, r.output, r.status) for r in runs] == [("a = 6 * 7", "", "ok"), ("print(a)", "42", "ok")]
+
+
+async def test_code_errors_and_timeouts_use_the_training_messages(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(code=["1 / 0", "while True: pass"])})
+    report = await critic(model, template, pool, code_timeout_seconds=0.3).critique(PROBLEM, STEPS[:1])
+    runs = report.step_reports[0].chains[0].code_runs
+    assert runs[0].output == "Code execute Error: ZeroDivisionError: division by zero"
+    assert runs[1].output == "Code execute time out: Code execution timed out"
+    assert runs[1].status == "timeout"
+
+
+async def test_rounds_exhausted_forces_the_judgement_from_the_analysis(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(code=["print(1)"] * 5, verdict="No")})
+    report = await critic(model, template, pool, code_rounds=3).critique(PROBLEM, STEPS[:1])
+    chain = report.step_reports[0].chains[0]
+    assert chain.forced and chain.verdict == "no"
+    assert chain.text == (
+        ANALYZE_PREFIX.format(k=1)
+        + "The arithmetic in this paragraph checks out.\n"
+        + FORCED_JUDGEMENT
+        + "{No}$\n</output>\n"
+    )
+    assert math.isclose(chain.reward, NO)
+    assert model.calls[-1][1].max_tokens == 20 and model.calls[-1][0].endswith(FORCED_JUDGEMENT)
+    assert len(model.calls) == 1 + 3 + 1
+
+
+async def test_the_token_limit_forces_the_judgement(template, pool) -> None:  # type: ignore[no-untyped-def]
+    long_code = "x = 1\n" * 200
+    model = scripted_genprm({1: Plan(code=[long_code, long_code])})
+    report = await critic(model, template, pool, max_critique_tokens=300).critique(PROBLEM, STEPS[:1])
+    chain = report.step_reports[0].chains[0]
+    assert chain.forced
+    assert model.calls[1][1].max_tokens < 300
+
+
+async def test_without_logprobs_the_reward_is_a_hard_label(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({2: Plan(verdict="No")}, with_logprobs=False)
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    assert report.rewards == [1.0, 0.0]
+    assert {c.reward_source for s in report.step_reports for c in s.chains} == {"hard_label"}
+
+
+async def test_the_missing_alternative_takes_the_smallest_top_logprob(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({})
+    model.alternatives = {"Yes": {"Yes": -0.5, "Maybe": -1.0, "Perhaps": -3.0}}
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    expected = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-3.0))
+    assert math.isclose(report.rewards[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("judgement", "verdict", "reward"),
+    [
+        ("", "none", 0.5),
+        ("I cannot decide.\n</verify>\n<output>\n**Judgement**: unclear\n</output>\n", "none", 0.5),
+        ("ok\n</verify>\n<output>\n**Judgement**: $\\boxed{ yes }$\n</output>\n", "yes", None),
+        ("ok\n</verify>\n<output>\n**Judgement**: $\\boxed{\\text{No}}$\n</output>\n", "no", None),
+        ("\\boxed{No} then\n</verify>\n<output>\n$\\boxed{Yes}$ and $\\boxed{No}$\n</output>\n", "yes", None),
+        ("<output>\n**Judgement**: $\\boxed{Ye", "none", 0.5),
+        ("```python\nprint('unclosed fence'", "none", 0.5),
+        ("\x00\ufffd garbage \\boxed{", "none", 0.5),
+    ],
+)
+async def test_model_text_never_raises(
+    template, pool, judgement: str, verdict: str, reward: float | None
+) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(judgement=judgement, forced="garbage without a verdict")})
+    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    chain = report.step_reports[0].chains[0]
+    if chain.forced:
+        assert chain.verdict == "none" and chain.reward == 0.5
+    else:
+        assert chain.verdict == verdict
+        if reward is not None:
+            assert chain.reward == reward
+        else:
+            assert 0.0 < chain.reward < 1.0 and chain.reward_source in ("logprobs", "hard_label")
+    report.model_dump_json()  # the report is always serialisable
+
+
+async def test_majority_of_n_chains_with_their_own_sessions(template, pool) -> None:  # type: ignore[no-untyped-def]
+    flips = iter(["Yes", "No", "Yes", "No"])
+    verdict_of_chain: dict[int, str] = {}
+
+    model = scripted_genprm({1: Plan(code=["import os\nprint(os.getpid())"])})
+    inner = model._script
+
+    def respond(prompt: str, params: SamplingParams) -> str:
+        text = inner(prompt, params)  # type: ignore[operator]
+        if "$\\boxed{Yes}$" in text:
+            key = id(prompt)
+            verdict_of_chain.setdefault(key, next(flips))
+            text = text.replace("{Yes}", "{" + verdict_of_chain[key] + "}")
+        return text
+
+    model._script = respond
+    report = await critic(model, template, pool, samples=4).critique(PROBLEM, STEPS[:1])
+    step = report.step_reports[0]
+    assert len(step.chains) == 4
+    assert step.verdicts == {"yes": 2, "no": 2, "none": 0}
+    assert math.isclose(step.reward, (2 * YES + 2 * NO) / 4)
+    assert step.flagged == (step.reward < 0.5)
+    pids = {c.code_runs[0].output for c in step.chains}
+    assert len(pids) == 4, "every chain runs in its own sandbox session"
+
+
+async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm(
+        {
+            1: Plan(code=["a = 5\nprint(a)"]),
+            2: Plan(verdict="No", code=["print(a + 1)"]),
+            3: Plan(code=["print(a * 2)"]),
+        }
+    )
+    critic_ = critic(model, template, pool, samples=2)
+    async with critic_.run(PROBLEM) as run:
+        first = await run.critique(STEPS)
+        assert first.first_error == 1
+        calls_before = len(model.calls)
+        model._script = scripted_genprm(
+            {2: Plan(code=["print(a + 1)"]), 3: Plan(code=["print(a * 2)"])}
+        )._script
+        second = await run.critique([STEPS[0], "Then 2 + 12 = 14.", "The answer is \\boxed{14}."])
+    new_calls = model.calls[calls_before:]
+    assert {paragraph(p) for p, _ in new_calls} == {2, 3}, "no model call for the unchanged step"
+    assert second.step_reports[0].reused and not second.step_reports[1].reused
+    assert second.step_reports[0].chains == first.step_reports[0].chains
+    assert second.all_pass
+    # Each chain's sandbox went on from its state after step 1 (a = 5), not from scratch.
+    assert [c.code_runs[0].output for c in second.step_reports[1].chains] == ["6", "6"]
+    assert [c.code_runs[0].output for c in second.step_reports[2].chains] == ["10", "10"]
+    assert second.usage.calls == len(new_calls)
+
+
+async def test_infrastructure_failures_raise_typed_errors(template, pool) -> None:  # type: ignore[no-untyped-def]
+    def down(prompt: str, params: SamplingParams) -> str:
+        raise ModelEndpointError("http://127.0.0.1:9/v1/completions: gave up after 5 attempts")
+
+    with pytest.raises(ModelEndpointError, match="gave up"):
+        await critic(ScriptedCompletionModel(down), template, pool).critique(PROBLEM, STEPS)
+
+
+async def test_without_a_sandbox_the_critic_judges_from_the_analysis(template) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(judgement="")})
+    model.alternatives = DECISIONS
+
+    def respond(prompt: str, params: SamplingParams) -> str:
+        if prompt.endswith("$\\boxed"):
+            return "{Yes}$\n</output>\n"
+        return "Fine.\n</analyze>\n"
+
+    model._script = respond
+    report = await critic(model, template, None).critique(PROBLEM, STEPS[:1])
+    chain = report.step_reports[0].chains[0]
+    assert (chain.verdict, chain.forced, chain.code_runs) == ("yes", False, ())
+    assert chain.text.endswith("Fine.\n</analyze>\n<output>\n**Judgement**: $\\boxed{Yes}$\n</output>\n")
+    assert math.isclose(chain.reward, YES)

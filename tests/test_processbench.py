@@ -1,0 +1,116 @@
+"""ProcessBench: loading real records, the metric on hand-made predictions, the resumable runner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from critic_script import Plan, paragraph, scripted_genprm
+
+from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.errors import ConfigError
+from critloop.graphs.processbench import (
+    ProcessBenchRecord,
+    evaluate_processbench,
+    load_processbench,
+    metrics,
+    read_results,
+)
+from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.embedded import CachedModel
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench"
+
+
+def test_metric_on_hand_made_predictions() -> None:
+    results = [
+        # gsm8k: 3 erroneous (2 found exactly), 2 correct (1 kept correct) -> 66.7 / 50.0 -> F1 57.1
+        {"split": "gsm8k", "label": 2, "prediction": 2, "error": None},
+        {"split": "gsm8k", "label": 0, "prediction": 0, "error": None},
+        {"split": "gsm8k", "label": 1, "prediction": 3, "error": None},
+        {"split": "gsm8k", "label": -1, "prediction": -1, "error": None},
+        {"split": "gsm8k", "label": -1, "prediction": 0, "error": None},
+        {"split": "gsm8k", "label": 1, "prediction": None, "error": "ModelEndpointError: down"},
+        # math: all right -> 100 / 100 -> 100
+        {"split": "math", "label": 4, "prediction": 4, "error": None},
+        {"split": "math", "label": -1, "prediction": -1, "error": None},
+        # omnimath: nothing right on erroneous -> F1 0
+        {"split": "omnimath", "label": 1, "prediction": -1, "error": None},
+        {"split": "omnimath", "label": -1, "prediction": -1, "error": None},
+    ]
+    table = {m.split: m for m in metrics(results)}
+    assert list(table) == ["gsm8k", "math", "omnimath"]
+    gsm = table["gsm8k"]
+    assert (gsm.erroneous, gsm.correct, gsm.failed) == (3, 2, 1)
+    assert round(gsm.error_accuracy, 4) == round(200 / 3, 4) and gsm.correct_accuracy == 50.0
+    assert round(gsm.f1, 4) == round(2 * (200 / 3) * 50 / (200 / 3 + 50), 4)
+    assert table["math"].f1 == 100.0
+    assert table["omnimath"].f1 == 0.0 and table["omnimath"].correct_accuracy == 100.0
+
+
+def test_real_processbench_records_load() -> None:
+    if not SHARED.is_dir():
+        pytest.skip("the shared ProcessBench copy exists only on the project's machines")
+    records = load_processbench(SHARED / "gsm8k.json")
+    assert len(records) == 400
+    assert {r.split for r in records} == {"gsm8k"}
+    assert all(-1 <= r.label < len(r.steps) for r in records)
+    assert sum(r.label == -1 for r in records) > 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"id": "a", "problem": "p", "steps": []}]', "record 1 lacks label"),
+        ('[{"id": "a", "problem": "p", "steps": [], "label": -1}]', "non-empty list of strings"),
+        ('[{"id": "a", "problem": "p", "steps": ["s"], "label": 3}]', "`label` must be -1 or a step index"),
+        ('{"id": "a", "problem": "p", "steps": ["s"], "label": 0}\n{broken', "line 2 is not valid JSON"),
+        ("[1, 2", "is not valid JSON"),
+    ],
+)
+def test_bad_files_name_what_is_wrong(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "gsm8k.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_processbench(path)
+
+
+@pytest.fixture(scope="module")
+async def pool() -> AsyncIterator[SandboxPool]:
+    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
+        yield sandbox
+
+
+async def test_runner_predicts_writes_and_resumes(
+    embedded: CachedModel, pool: SandboxPool, tmp_path: Path
+) -> None:
+    records = [
+        ProcessBenchRecord(id="ok", split="gsm8k", problem="P1", steps=("a", "b"), label=-1),
+        ProcessBenchRecord(id="bad", split="gsm8k", problem="P2 wrong", steps=("a", "b", "c"), label=1),
+    ]
+
+    def plans(prompt: str) -> Plan:
+        return Plan(verdict="No" if "P2 wrong" in prompt and paragraph(prompt) == 2 else "Yes")
+
+    model = scripted_genprm({})
+    inner = model._script
+    model._script = lambda prompt, params: inner(prompt, params).replace(
+        "{Yes}", "{" + plans(prompt).verdict + "}"
+    )  # type: ignore[operator]
+    critic = GenPRMCritic(model, ChatTemplate.from_pretrained(str(embedded.path)), pool, CriticConfig())
+    out = tmp_path / "pb.jsonl"
+    first = await evaluate_processbench(critic, records[:1], out)
+    assert [r["prediction"] for r in first] == [-1]
+    calls = len(model.calls)
+    second = await evaluate_processbench(critic, records, out)  # resumes: only "bad" runs
+    assert [r["id"] for r in second] == ["bad"] and second[0]["prediction"] == 1
+    assert len(model.calls) > calls
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["ok", "bad"]
+    assert {"id", "label", "prediction", "step_rewards", "critiques", "error"} <= set(lines[1])
+    assert len(lines[1]["step_rewards"]) == 2 and len(lines[1]["critiques"]) == 2
+    assert metrics(read_results(out))[0].f1 == 100.0
+    assert await evaluate_processbench(critic, records, out) == []  # everything done: nothing to run
