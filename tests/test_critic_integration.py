@@ -1,0 +1,117 @@
+"""The critic end to end on real components: the embedded model, the Docker sandbox, real
+ProcessBench records, the CLI, and a real llama.cpp server's logprobs. Structure, not quality:
+SmolLM2-135M is no critic."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_docker
+
+from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.agent.critic_protocol import ANALYZE_PREFIX
+from critloop.sandbox import SandboxPool
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.completion import CompletionResult, SamplingParams
+from critloop.tools.embedded import CachedModel
+from critloop.tools.openai_client import OpenAICompletionModel
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench" / "gsm8k.json"
+CRITLOOP = str(Path(sys.executable).with_name("critloop"))
+
+
+def shortest_records(n: int) -> list[dict]:
+    if not SHARED.is_file():
+        pytest.skip("the shared ProcessBench copy exists only on the project's machines")
+    records = json.loads(SHARED.read_text())
+    return sorted(records, key=lambda r: (len(r["steps"]), r["id"]))[:n]
+
+
+def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) -> None:
+    require_docker()
+    records = shortest_records(2)
+    data = tmp_path / "gsm8k.json"
+    data.write_text(json.dumps(records))
+    config = tmp_path / "critloop.toml"
+    config.write_text(
+        '[critic]\nkind = "embedded"\nprofile = "instruct"\nsamples = 2\n'
+        "max_critique_tokens = 200\ncode_rounds = 1\nforced_judgement_tokens = 8\n"
+        '[sandbox]\nbackend = "docker"\npool_size = 1\n'
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["eval", "processbench", "--split", "gsm8k", "--data", str(data), "--config", str(config)]
+    done = subprocess.run(
+        [CRITLOOP, *args, "--limit", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2].startswith("F1 gsm8k: ") and lines[-1].startswith("F1 average: ")
+    float(lines[-1].split(": ")[1])
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in results) == sorted(r["id"] for r in records)
+    for result, record in zip(
+        sorted(results, key=lambda r: r["id"]), sorted(records, key=lambda r: r["id"]), strict=True
+    ):
+        assert result["error"] is None
+        assert result["label"] == record["label"]
+        assert -1 <= result["prediction"] < len(record["steps"])
+        assert 1 <= len(result["step_rewards"]) <= len(record["steps"])
+        assert all(0.0 <= r <= 1.0 for r in result["step_rewards"])
+        for step, chains in enumerate(result["critiques"]):
+            assert len(chains) == 2
+            assert all(c["text"].startswith(ANALYZE_PREFIX.format(k=step + 1)) for c in chains)
+    # Resuming a finished run runs nothing and prints the same summary.
+    again = subprocess.run(
+        [CRITLOOP, *args, "--limit", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == lines[-1]
+    assert len(out.read_text().splitlines()) == 2
+
+
+class RecordingModel(OpenAICompletionModel):
+    results: list[CompletionResult]
+
+    async def complete(self, prompt: str, params: SamplingParams) -> CompletionResult:
+        result = await super().complete(prompt, params)
+        self.results.append(result)
+        return result
+
+
+async def test_critic_through_a_llama_cpp_server_with_real_logprobs(
+    llama_server: str, embedded: CachedModel, docker_pool: SandboxPool
+) -> None:
+    record = shortest_records(1)[0]
+    model = RecordingModel(llama_server, "smollm2", timeout_seconds=300)
+    model.results = []
+    config = CriticConfig(
+        profile="instruct", max_critique_tokens=160, code_rounds=1, forced_judgement_tokens=8
+    )
+    critic = GenPRMCritic(model, ChatTemplate.from_pretrained(str(embedded.path)), docker_pool, config)
+    try:
+        report = await critic.critique(record["problem"], record["steps"], scan="all")
+    finally:
+        await model.aclose()
+    assert len(report.step_reports) == len(record["steps"])
+    assert model.results, "the critic called the server"
+    for result in model.results:
+        tokens = result.choices[0].tokens
+        assert tokens is not None and tokens, "the server returned per-token logprobs"
+        assert all(1 <= len(t.top) <= 21 for t in tokens)
+    for step in report.step_reports:
+        for chain in step.chains:
+            assert 0.0 <= chain.reward <= 1.0
+            if chain.verdict != "none":
+                assert chain.reward_source == "logprobs"
+    json.loads(report.model_dump_json())
