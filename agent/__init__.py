@@ -1,1 +1,30 @@
-"""The three roles of the refine loop: policy, GenPRM critic and refiner (see DESIGN §1-3)."""
+"""The roles of the refine loop: the GenPRM critic today; the policy and refiner come next."""
+
+from critloop.agent.critic import (
+    ChainCritique,
+    CodeRun,
+    CriticConfig,
+    CritiqueReport,
+    CritiqueRun,
+    CritiqueUsage,
+    GenPRMCritic,
+    ScanMode,
+    StepReport,
+)
+from critloop.agent.critic_protocol import CriticProfile
+from critloop.agent.verdict import RewardSource, Verdict
+
+__all__ = [
+    "ChainCritique",
+    "CodeRun",
+    "CriticConfig",
+    "CriticProfile",
+    "CritiqueReport",
+    "CritiqueRun",
+    "CritiqueUsage",
+    "GenPRMCritic",
+    "RewardSource",
+    "ScanMode",
+    "StepReport",
+    "Verdict",
+]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from critloop.agent.critic_protocol import (
     ANALYZE_PREFIX,
@@ -89,6 +89,13 @@ class CriticConfig(EndpointConfig):
     code_timeout_seconds: float = Field(default=5.0, gt=0)
     max_code_output_chars: int = Field(default=2000, ge=100)
     """Code output shown to the critic is cut to this (with a marker)."""
+
+    @model_validator(mode="after")
+    def _instruct_for_the_embedded_model(self) -> CriticConfig:
+        # The embedded SmolLM2 is no GenPRM checkpoint: unless told otherwise, teach it the format.
+        if self.kind == "embedded" and "profile" not in self.model_fields_set:
+            object.__setattr__(self, "profile", "instruct")
+        return self
 
 
 class CodeRun(BaseModel):

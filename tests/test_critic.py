@@ -35,7 +35,7 @@ async def pool() -> AsyncIterator[SandboxPool]:
 
 
 def critic(model, template, pool, **options) -> GenPRMCritic:  # type: ignore[no-untyped-def]
-    return GenPRMCritic(model, template, pool, CriticConfig(**options))
+    return GenPRMCritic(model, template, pool, CriticConfig(**{"profile": "genprm", **options}))
 
 
 async def test_a_clean_solution_passes_with_logprob_rewards(template, pool) -> None:  # type: ignore[no-untyped-def]
@@ -128,6 +128,23 @@ async def test_golden_prompts_under_a_deepseek_r1_distill_style_template(templat
         + f"<｜Assistant｜>{c2}<｜end▁of▁sentence｜><｜User｜>{STEPS[2]}"
         + ANALYZE_PREFIX.format(k=3),
     ]
+
+
+def test_the_instruct_profile_teaches_the_format_with_a_worked_example() -> None:
+    from critloop.agent.critic_protocol import INSTRUCT_SYSTEM_PROMPT, SYSTEM_PROMPT, conversation
+
+    messages = conversation(PROBLEM, STEPS, [], profile="instruct")
+    assert messages[0]["content"] == INSTRUCT_SYSTEM_PROMPT
+    assert INSTRUCT_SYSTEM_PROMPT.startswith(SYSTEM_PROMPT)
+    for part in ("<analyze>", "</verify>", "[Code Output]", "$\\boxed{No}$", "</output>"):
+        assert part in INSTRUCT_SYSTEM_PROMPT
+    assert messages[1:] == [{"role": "user", "content": f"{PROBLEM}\n{STEPS[0]}"}]
+
+
+def test_the_embedded_critic_defaults_to_the_instruct_profile() -> None:
+    assert CriticConfig().profile == "instruct"
+    assert CriticConfig(kind="embedded", profile="genprm").profile == "genprm"
+    assert CriticConfig(kind="openai", base_url="http://x/v1", model="GenPRM/GenPRM-7B").profile == "genprm"
 
 
 async def test_stage_requests_follow_the_protocol(template, pool) -> None:  # type: ignore[no-untyped-def]
