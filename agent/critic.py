@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,6 +58,7 @@ ScanMode = Literal["first_error", "all"]
 """``first_error``: critique steps in order and stop at the first flagged one (the refine loop,
 ProcessBench). ``all``: score every step (Best-of-N ranking, full reports)."""
 
+_T = TypeVar("_T")
 _CODE_BLOCK = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
 
 
@@ -441,8 +442,8 @@ class CritiqueRun:
         for index in range(start, len(steps)):
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
-            critiques = await asyncio.gather(
-                *(critic._critique_step(self.problem, steps, chain, chain.session) for chain in self._chains)
+            critiques = await _all_or_nothing(
+                [critic._critique_step(self.problem, steps, chain, chain.session) for chain in self._chains]
             )
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
@@ -488,6 +489,17 @@ class CritiqueRun:
     async def _snapshot(self, chain: _Chain) -> None:
         if self.keep_snapshots and chain.session is not None:
             chain.snapshots.append(await chain.session.fork())
+
+
+async def _all_or_nothing(coroutines: list[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """Run concurrently; if one fails, cancel the others and raise that failure itself (a
+    typed critloop error, not an exception group)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 def _word_ids(tokenizer: object, word: str) -> set[int]:
