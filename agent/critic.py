@@ -111,6 +111,25 @@ class CodeRun(BaseModel):
     """The sandbox status (``ok``, ``error``, ``timeout``, ``killed``) or ``missing``."""
 
 
+class CritiqueUsage(BaseModel):
+    """Model calls and tokens, and wall time."""
+
+    model_config = ConfigDict(frozen=True)
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: CritiqueUsage) -> CritiqueUsage:
+        return CritiqueUsage(
+            calls=self.calls + other.calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            seconds=self.seconds + other.seconds,
+        )
+
+
 class ChainCritique(BaseModel):
     """One chain's critique of one step."""
 
@@ -123,10 +142,7 @@ class ChainCritique(BaseModel):
     forced: bool
     """The limits were hit and the judgement was forced from the analysis alone."""
     code_runs: tuple[CodeRun, ...] = ()
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
+    usage: CritiqueUsage = CritiqueUsage()
 
 
 class StepReport(BaseModel):
@@ -144,15 +160,6 @@ class StepReport(BaseModel):
     chains: tuple[ChainCritique, ...]
     reused: bool = False
     """Carried over from an earlier critique of the same prefix (no model call)."""
-
-
-class CritiqueUsage(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
 
 
 class CritiqueReport(BaseModel):
@@ -361,8 +368,7 @@ class GenPRMCritic:
             reward_source=source,
             forced=forced,
             code_runs=tuple(code_runs),
-            seconds=time.perf_counter() - started,
-            **usage,
+            usage=CritiqueUsage(**usage, seconds=time.perf_counter() - started),
         )
 
     async def _run_code(self, critique: str, session: Session) -> CodeRun:
@@ -459,11 +465,8 @@ class CritiqueRun:
                     chains=tuple(critiques),
                 )
             )
-            usage = CritiqueUsage(
-                calls=usage.calls + sum(c.calls for c in critiques),
-                prompt_tokens=usage.prompt_tokens + sum(c.prompt_tokens for c in critiques),
-                completion_tokens=usage.completion_tokens + sum(c.completion_tokens for c in critiques),
-            )
+            for critique in critiques:
+                usage += critique.usage.model_copy(update={"seconds": 0.0})  # wall time is measured once
         usage = usage.model_copy(update={"seconds": time.perf_counter() - started})
         return CritiqueReport(
             problem=self.problem,

@@ -49,7 +49,10 @@ async def test_a_clean_solution_passes_with_logprob_rewards(template, pool) -> N
     assert chain.text.startswith(ANALYZE_PREFIX.format(k=1))
     assert "[Code Output]\n\n```\n5\n```\n" in chain.text
     assert chain.text.endswith("$\\boxed{Yes}$\n</output>\n")
-    assert chain.calls == 3 and report.usage.calls == 9
+    assert chain.usage.calls == 3 and report.usage.calls == 9
+    assert report.usage.completion_tokens == sum(
+        c.usage.completion_tokens for s in report.step_reports for c in s.chains
+    )
     assert report.step_reports[0].verdicts == {"yes": 1, "no": 0, "none": 0}
 
 
