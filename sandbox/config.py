@@ -60,5 +60,10 @@ class SandboxConfig(BaseModel):
     max_file_mb: int = Field(default=32, ge=1)
     """Largest file a run may write (``RLIMIT_FSIZE``)."""
 
+    local_bubblewrap: Literal["auto", "on", "off"] = "auto"
+    """Local backend only: run the kernel under bubblewrap (``bwrap``: no network, read-only host
+    filesystem, private /tmp, own pid namespace). ``auto`` uses it where ``bwrap`` is installed and
+    works. Still not the Docker backend's isolation: no memory, CPU or pids limits."""
+
     start_timeout_seconds: float = Field(default=60.0, gt=0)
     """How long starting one kernel may take before it counts as failed."""

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,15 +32,48 @@ THREAD_ENV = {
 """Set in every kernel: one thread per numeric library, so a run cannot fan out over the host."""
 
 
-def _warn_not_isolated() -> None:
+def _warn_not_isolated(bubblewrap: bool) -> None:
     global _warned
     if not _warned:
         _warned = True
+        how = (
+            "a subprocess under bubblewrap (no network, read-only host files, but no resource limits)"
+            if bubblewrap
+            else "a plain subprocess with your user's rights"
+        )
         message = (
-            "critloop is running model-written code with the LOCAL sandbox backend: a plain "
-            "subprocess with your user's rights, not isolation. Use a Docker engine for untrusted code."
+            f"critloop is running model-written code with the LOCAL sandbox backend: {how}, "
+            "not isolation. Use a Docker engine for untrusted code."
         )
         logger.warning(message)
+
+
+def _bubblewrap_works() -> bool:
+    """Whether ``bwrap`` is installed and can create its namespaces here (cached)."""
+    global _bwrap_ok
+    if _bwrap_ok is None:
+        path = shutil.which("bwrap")
+        _bwrap_ok = False
+        if path is not None:
+            try:
+                done = subprocess.run(
+                    [path, *_BWRAP_ARGS, "true"], capture_output=True, timeout=10, check=False
+                )
+                _bwrap_ok = done.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                _bwrap_ok = False
+    return _bwrap_ok
+
+
+_bwrap_ok: bool | None = None
+_BWRAP_ARGS = [
+    "--ro-bind", "/", "/",
+    "--dev", "/dev",
+    "--proc", "/proc",
+    "--tmpfs", "/tmp",
+    "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox",
+    "--die-with-parent", "--new-session",
+]  # fmt: skip
 
 
 class LocalBackend(SandboxBackend):
@@ -55,7 +90,13 @@ class LocalBackend(SandboxBackend):
         self.config = config or SandboxConfig()
         self._processes: dict[KernelClient, asyncio.subprocess.Process] = {}
         self._count = 0
-        _warn_not_isolated()
+        mode = self.config.local_bubblewrap
+        self.bubblewrap = mode == "on" or (mode == "auto" and _bubblewrap_works())
+        if mode == "on" and not _bubblewrap_works():
+            raise SandboxUnavailableError(
+                "local_bubblewrap = 'on', but bwrap is missing or cannot create namespaces"
+            )
+        _warn_not_isolated(self.bubblewrap)
 
     async def start_kernel(self, on_close: OnKernelClose) -> KernelClient:
         env = {
@@ -63,12 +104,12 @@ class LocalBackend(SandboxBackend):
             **THREAD_ENV,
             "CRITLOOP_KILL_GRACE": str(self.config.kill_grace_seconds),
         }
+        command = [sys.executable, "-I", "-u", str(Path(_kernel_module.__file__))]
+        if self.bubblewrap:
+            command = [shutil.which("bwrap") or "bwrap", *_BWRAP_ARGS, *command]
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-I",
-                "-u",
-                str(Path(_kernel_module.__file__)),
+                *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
@@ -99,6 +140,9 @@ class LocalBackend(SandboxBackend):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, 9)
             await process.wait()
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "bubblewrap": self.bubblewrap}
 
     async def close(self) -> None:
         for kernel in list(self._processes):
