@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 from pathlib import Path
@@ -348,6 +349,9 @@ def eval_processbench(
     async def run() -> None:
         async with SandboxPool(cfg.sandbox) as pool:
             critic = GenPRMCritic.from_config(cfg.critic, pool)
+            # Everything loaded so far (tokenizer, torch) lives for the whole run: keep it out of
+            # the garbage collector's full passes, which otherwise stall the event loop ~0.25 s.
+            gc.freeze()
             try:
                 with Progress(
                     TextColumn("processbench"),

@@ -197,6 +197,10 @@ class _Worker:
             while os.getppid() == parent:
                 time.sleep(0.0002)
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:
+            os.nice(10)  # a CPU-hungry session must not starve the supervisor of its deadlines
+        except OSError:
+            pass
         # Orphans of this session's processes stay in this worker's tree, so that closing the
         # session can find and kill every one of them (setsid and double forks included).
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)

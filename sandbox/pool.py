@@ -137,17 +137,17 @@ class SandboxPool:
         except Exception as exc:  # noqa: BLE001 - open_session retries and reports
             logger.warning("could not replace sandbox kernel %s: %s", dead.name, exc)
 
-    async def _kernel(self) -> KernelClient:
+    async def _kernel(self, avoid: frozenset[KernelClient] = frozenset()) -> KernelClient:
         """The live kernel with the fewest sessions (starting one if none is left)."""
         if self._closed:
             raise SandboxClosedError("the pool is closed")
         if not self._started:
             await self.start()
-        alive = [k for k in self._kernels if k.alive]
+        alive = [k for k in self._kernels if k.alive and k not in avoid]
         if not alive:
             if self._replacing:
                 await asyncio.wait(set(self._replacing))
-                alive = [k for k in self._kernels if k.alive]
+                alive = [k for k in self._kernels if k.alive and k not in avoid]
             if not alive:
                 alive = [await self._start_kernel()]
         return min(alive, key=lambda k: len(k.sessions))
@@ -157,14 +157,21 @@ class SandboxPool:
 
     async def open_session(self) -> Session:
         """A fresh session: new globals, empty work dir, sympy/numpy/math already imported."""
+        refused: set[KernelClient] = set()
         for attempt in range(3):
-            kernel = await self._kernel()
+            kernel = await self._kernel(frozenset(refused))
             sid = uuid.uuid4().hex[:16]
             try:
                 await kernel.request("open", wait=self._wait(), session=sid)
             except KernelDied:
                 if attempt == 2:
                     raise SandboxUnavailableError("sandbox kernels keep dying at session start") from None
+                continue
+            except SandboxProtocolError as exc:
+                # This kernel cannot fork a worker now (e.g. a fork bomb holds its pids): try another.
+                refused.add(kernel)
+                if attempt == 2:
+                    raise SandboxUnavailableError(f"no sandbox kernel could open a session: {exc}") from None
                 continue
             kernel.sessions.add(sid)
             session = Session(self, kernel, sid)

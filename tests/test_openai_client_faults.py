@@ -89,7 +89,8 @@ def count_requests(model: OpenAICompletionModel) -> list[str]:
     async def hook(request: Any) -> None:
         seen.append(str(request.url))
 
-    model._client.event_hooks["request"].append(hook)
+    for client in model._clients:
+        client.event_hooks["request"].append(hook)
     return seen
 
 

@@ -10,6 +10,7 @@ same results as the in-process engine.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from critloop.tools.completion import (
 
 __all__ = ["OpenAICompletionModel"]
 
+_CONNECTIONS_PER_POOL = 16
 _RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -82,17 +84,27 @@ class OpenAICompletionModel:
         self.max_backoff_seconds = max_backoff_seconds
         self.extra_body = dict(extra_body or {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+        # httpcore's pool rescans all its connections on every request, so one big pool costs
+        # O(connections) per call: hundreds of concurrent critic calls saturate a core. Several
+        # small pools, used in turn, keep that cost flat.
+        shards = max(1, -(-max_connections // _CONNECTIONS_PER_POOL))
+        per_pool = -(-max_connections // shards)
+        self._clients = [
+            httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
+                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
+            )
+            for _ in range(shards)
+        ]
+        self._turn = itertools.cycle(self._clients)
         self._url = f"{self.base_url}/completions"
         self._timeout = timeout_seconds
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     async def __aenter__(self) -> OpenAICompletionModel:
         return self
@@ -184,7 +196,7 @@ class OpenAICompletionModel:
         try:
             # httpx limits each read; this limits the whole answer (a trickling server too).
             async with asyncio.timeout(self._timeout):
-                response = await self._client.post(self._url, json=body)
+                response = await next(self._turn).post(self._url, json=body)
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise _Retryable(f"timed out after {self._timeout:g}s ({type(exc).__name__})") from exc
         except httpx.DecodingError as exc:
@@ -313,7 +325,7 @@ class OpenAICompletionModel:
                 numeric = [(alt, float(v)) for alt, v in top.items() if _is_number(v)]
                 for alt, alt_value in sorted(numeric, key=lambda kv: -kv[1])[:keep]:
                     alt_text, alt_id = _token(alt)
-                    alternatives.append(TopLogprob(token=alt_text, id=alt_id, logprob=alt_value))
+                    alternatives.append(_top(alt_text, alt_id, alt_value))
             result.append(self._with_chosen(text, token_id, float(value), alternatives))
         return result
 
@@ -343,10 +355,13 @@ class OpenAICompletionModel:
     def _with_chosen(text: str, token_id: int | None, logprob: float, top: list[TopLogprob]) -> TokenLogprob:
         """The token, with itself among its alternatives (as vLLM and the engine return it)."""
         if not any(t.token == text and (t.id is None or t.id == token_id) for t in top):
-            top = sorted(
-                [*top, TopLogprob(token=text, id=token_id, logprob=logprob)], key=lambda t: -t.logprob
-            )
-        return TokenLogprob(token=text, id=token_id, logprob=logprob, top=tuple(top))
+            top = sorted([*top, _top(text, token_id, logprob)], key=lambda t: -t.logprob)
+        # Values are checked above: skip pydantic's validation on this hot path (20 per token).
+        return TokenLogprob.model_construct(token=text, id=token_id, logprob=logprob, top=tuple(top))
+
+
+def _top(token: str, token_id: int | None, logprob: float) -> TopLogprob:
+    return TopLogprob.model_construct(token=token, id=token_id, logprob=logprob)
 
 
 def _is_number(value: Any) -> bool:
