@@ -46,6 +46,7 @@ demo: sandbox-image
 bench: sandbox-image models
 	$(BIN)/python benchmarks/bench_sandbox.py
 	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_critic.py
 
 clean:
 	-$(BIN)/critloop sandbox clean --all
