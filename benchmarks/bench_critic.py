@@ -611,7 +611,7 @@ def _critic_config(model: OpenAICompletionModel, samples: int) -> CriticConfig:
 def _max_connections(model: OpenAICompletionModel) -> int | str:
     """The HTTP client's connection limit (httpx internals; "?" where they differ)."""
     try:
-        return sum(int(c._transport._pool._max_connections) for c in model._clients)  # type: ignore[attr-defined]
+        return int(model._max_connections)
     except (AttributeError, TypeError, ValueError):
         return "?"
 

@@ -86,11 +86,10 @@ def count_requests(model: OpenAICompletionModel) -> list[str]:
     """The URL of every HTTP request the client starts (its transport attempts), in order."""
     seen: list[str] = []
 
-    async def hook(request: Any) -> None:
-        seen.append(str(request.url))
+    async def hook(session: Any, context: Any, params: Any) -> None:
+        seen.append(str(params.url))
 
-    for client in model._clients:
-        client.event_hooks["request"].append(hook)
+    model._trace.on_request_start.append(hook)
     return seen
 
 

@@ -10,13 +10,13 @@ same results as the in-process engine.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import math
 import random
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from critloop.errors import ModelEndpointError, ModelResponseError
@@ -32,7 +32,6 @@ from critloop.tools.completion import (
 
 __all__ = ["OpenAICompletionModel"]
 
-_CONNECTIONS_PER_POOL = 16
 _RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -83,28 +82,34 @@ class OpenAICompletionModel:
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.extra_body = dict(extra_body or {})
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # httpcore's pool rescans all its connections on every request, so one big pool costs
-        # O(connections) per call: hundreds of concurrent critic calls saturate a core. Several
-        # small pools, used in turn, keep that cost flat.
-        shards = max(1, -(-max_connections // _CONNECTIONS_PER_POOL))
-        per_pool = -(-max_connections // shards)
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=headers,
-                timeout=httpx.Timeout(timeout_seconds, connect=min(10.0, timeout_seconds)),
-                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
-            )
-            for _ in range(shards)
-        ]
-        self._turn = itertools.cycle(self._clients)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._max_connections = max_connections
         self._url = f"{self.base_url}/completions"
         self._timeout = timeout_seconds
+        # aiohttp, not httpx: at hundreds of concurrent critic calls, httpx's pool costs ~6x the
+        # CPU per request (it rescans every connection), and the client becomes the bottleneck.
+        self._trace = aiohttp.TraceConfig()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The HTTP session of the running event loop (a session cannot change loops)."""
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is None or session.closed or session._loop is not loop:
+            session = self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, limit_per_host=self._max_connections
+                ),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self._timeout)),
+                trace_configs=[self._trace],
+            )
+        return session
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
 
     async def __aenter__(self) -> OpenAICompletionModel:
         return self
@@ -194,29 +199,26 @@ class OpenAICompletionModel:
 
     async def _post_once(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            # httpx limits each read; this limits the whole answer (a trickling server too).
+            # A limit on the whole answer, a trickling server's too.
             async with asyncio.timeout(self._timeout):
-                response = await next(self._turn).post(self._url, json=body)
-        except (httpx.TimeoutException, TimeoutError) as exc:
-            raise _Retryable(f"timed out after {self._timeout:g}s ({type(exc).__name__})") from exc
-        except httpx.DecodingError as exc:
+                async with self._http().post(self._url, json=body) as response:
+                    status, headers = response.status, response.headers
+                    raw = await response.read()
+        except TimeoutError as exc:
+            raise _Retryable(f"timed out after {self._timeout:g}s") from exc
+        except aiohttp.ClientPayloadError as exc:
             raise ModelResponseError(f"{self._url} answered a body that does not decode: {exc}") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__}: {exc})") from exc
-        if response.status_code in _RETRY_STATUS:
-            raise _Retryable(
-                f"HTTP {response.status_code}: {_snippet(response.text)}", _retry_after(response.headers)
-            )
-        if response.status_code >= 400:
-            raise ModelEndpointError(
-                f"{self._url} refused the request: HTTP {response.status_code}: {_snippet(response.text)}"
-            )
+        text = raw.decode("utf-8", errors="replace")
+        if status in _RETRY_STATUS:
+            raise _Retryable(f"HTTP {status}: {_snippet(text)}", _retry_after(headers))
+        if status >= 400:
+            raise ModelEndpointError(f"{self._url} refused the request: HTTP {status}: {_snippet(text)}")
         try:
-            data = response.json()
+            data = json.loads(raw)
         except ValueError:
-            raise ModelResponseError(
-                f"{self._url} answered with invalid JSON: {_snippet(response.text)}"
-            ) from None
+            raise ModelResponseError(f"{self._url} answered with invalid JSON: {_snippet(text)}") from None
         if not isinstance(data, dict):
             raise ModelResponseError(f"{self._url} answered JSON that is not an object")
         return data
@@ -377,7 +379,7 @@ def _token(raw: Any) -> tuple[str, int | None]:
     return raw, None
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("retry-after")
     if value is None:
         return None
