@@ -49,15 +49,17 @@ def _warn_not_isolated(bubblewrap: bool) -> None:
 
 
 def _bubblewrap_works() -> bool:
-    """Whether ``bwrap`` is installed and can create its namespaces here (cached)."""
+    """Whether ``bwrap`` is installed and can run this Python in its namespaces (cached)."""
     global _bwrap_ok
     if _bwrap_ok is None:
-        path = shutil.which("bwrap")
         _bwrap_ok = False
-        if path is not None:
+        if shutil.which("bwrap") is not None:
             try:
                 done = subprocess.run(
-                    [path, *_BWRAP_ARGS, "true"], capture_output=True, timeout=10, check=False
+                    [*_bwrap_prefix(), sys.executable, "-I", "-c", "import math"],
+                    capture_output=True,
+                    timeout=20,
+                    check=False,
                 )
                 _bwrap_ok = done.returncode == 0
             except (OSError, subprocess.TimeoutExpired):
@@ -66,14 +68,35 @@ def _bubblewrap_works() -> bool:
 
 
 _bwrap_ok: bool | None = None
-_BWRAP_ARGS = [
-    "--ro-bind", "/", "/",
-    "--dev", "/dev",
-    "--proc", "/proc",
-    "--tmpfs", "/tmp",
-    "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox",
-    "--die-with-parent", "--new-session",
-]  # fmt: skip
+
+
+def _bwrap_prefix() -> list[str]:
+    """The bwrap command line before the kernel's: the host read-only, a private /tmp, no network,
+    own pid/ipc/uts namespaces. What the kernel needs from under /tmp (a virtual environment or a
+    checkout living there) is bound back in, read-only, over the private /tmp."""
+    args = [
+        shutil.which("bwrap") or "bwrap",
+        "--ro-bind", "/", "/",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--tmpfs", "/tmp",
+        "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--hostname", "sandbox",
+        "--die-with-parent", "--new-session",
+    ]  # fmt: skip
+    needed = {
+        sys.prefix,
+        sys.base_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        os.path.dirname(os.path.realpath(_kernel_module.__file__)),
+        *(p for p in sys.path if p),
+    }
+    under_tmp = sorted(
+        os.path.realpath(p) for p in needed if os.path.realpath(p).startswith("/tmp/") and os.path.exists(p)
+    )
+    for path in under_tmp:
+        if not any(path.startswith(outer + "/") for outer in under_tmp if outer != path):
+            args += ["--ro-bind", path, path]
+    return args
 
 
 class LocalBackend(SandboxBackend):
@@ -106,7 +129,7 @@ class LocalBackend(SandboxBackend):
         }
         command = [sys.executable, "-I", "-u", str(Path(_kernel_module.__file__))]
         if self.bubblewrap:
-            command = [shutil.which("bwrap") or "bwrap", *_BWRAP_ARGS, *command]
+            command = [*_bwrap_prefix(), *command]
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,9 @@ async def test_bubblewrap_confines_the_local_kernel() -> None:
     async with SandboxPool(SandboxConfig(backend="local", local_bubblewrap="on", pool_size=1)) as pool:
         assert pool.backend.describe()["bubblewrap"] is True
         async with await pool.open_session() as session:
+            # A host file in /tmp: the sandbox has a /tmp of its own, so it must not see it.
+            marker = Path(tempfile.gettempdir(), f"critloop-bwrap-marker-{uuid.uuid4().hex}")
+            marker.write_text("host")
             # A host path outside /tmp (inside, /tmp is the sandbox's own): this test's folder.
             target = Path(__file__).with_name(f"escape-{uuid.uuid4().hex}.txt")
             escape = str(target)
@@ -27,13 +31,14 @@ async def test_bubblewrap_confines_the_local_kernel() -> None:
                 "    try:\n        action()\n    except OSError as e:\n        return e.errno\n"
                 "print(errno_of(lambda: socket.create_connection(('1.1.1.1', 53), timeout=2)))\n"
                 f"print(errno_of(lambda: open({escape!r}, 'w')))\n"
-                "print(sorted(os.listdir('/tmp')))\n"
+                f"print(os.path.exists({str(marker)!r}))\n"
                 "print(sum(1 for p in os.listdir('/proc') if p.isdigit()) < 10)"
             )
             result = await session.exec(code)
     lines = result.stdout.splitlines()
     assert lines[:2] == ["101", "30"], result  # ENETUNREACH, EROFS
-    assert lines[2].startswith("['critloop-sessions-")  # a private /tmp: only the kernel's own dir
+    assert lines[2] == "False"  # a private /tmp
+    marker.unlink()
     assert lines[3] == "True"  # its own pid namespace
     assert not target.exists()
 
