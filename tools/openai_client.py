@@ -275,7 +275,9 @@ class OpenAICompletionModel:
         if matched is not None and (stop is None or len(cut) < len(text)):
             text, stop, finish = cut, matched, "stop"
         finish_reason: FinishReason = "length" if finish == "length" else "stop"  # eos, stop_sequence, ...
-        return Completion(
+        # Every value is checked above; validating the token tuples again would cost more than
+        # the whole HTTP exchange at the critic's fan-out.
+        return Completion.model_construct(
             text=text,
             finish_reason=finish_reason,
             stop=stop,
@@ -354,16 +356,20 @@ class OpenAICompletionModel:
         return result
 
     @staticmethod
+    @staticmethod
     def _with_chosen(text: str, token_id: int | None, logprob: float, top: list[TopLogprob]) -> TokenLogprob:
         """The token, with itself among its alternatives (as vLLM and the engine return it)."""
-        if not any(t.token == text and (t.id is None or t.id == token_id) for t in top):
-            top = sorted([*top, _top(text, token_id, logprob)], key=lambda t: -t.logprob)
-        # Values are checked above: skip pydantic's validation on this hot path (20 per token).
-        return TokenLogprob.model_construct(token=text, id=token_id, logprob=logprob, top=tuple(top))
+        for alt in top:
+            if alt.token == text and (alt.id is None or alt.id == token_id):
+                break
+        else:
+            top.append(TopLogprob(text, logprob, token_id))
+            top.sort(key=lambda t: -t.logprob)
+        return TokenLogprob(text, logprob, token_id, tuple(top))
 
 
 def _top(token: str, token_id: int | None, logprob: float) -> TopLogprob:
-    return TopLogprob.model_construct(token=token, id=token_id, logprob=logprob)
+    return TopLogprob(token, logprob, token_id)
 
 
 def _is_number(value: Any) -> bool:
