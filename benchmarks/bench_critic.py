@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import contextvars
 import gc
-import importlib.metadata
 import itertools
 import json
 import math
@@ -63,6 +62,9 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _fake_server import YES_ALTERNATIVES, FakeCriticServer, classify
+from _machine import cpu_model as _cpu_model
+from _machine import mem_total_gib as _mem_total_gib
+from _machine import version as _version
 
 import critloop.agent.critic as critic_module
 from critloop.agent.critic import CriticConfig, CritiqueReport, GenPRMCritic
@@ -137,29 +139,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------- machine facts
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / (1 << 20), 1)
-    return None
 
 
 def machine_facts() -> dict[str, Any]:

@@ -42,6 +42,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_model as _cpu_model
+from _machine import mem_total_gib as _mem_total_gib
+
 from critloop.sandbox import SandboxConfig, SandboxPool, Session
 from critloop.sandbox.image import image_tag
 
@@ -173,22 +177,6 @@ def _run_text(argv: list[str], timeout: float = 30.0) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"<{argv[0]} failed: {exc}>"
     return (done.stdout or done.stderr).strip()
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total_gib() -> float | None:
-    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / (1 << 20), 1)
-    return None
 
 
 def _other_containers() -> int:
