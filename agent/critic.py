@@ -197,12 +197,28 @@ class _Chain:
     def __init__(self) -> None:
         self.critiques: list[ChainCritique] = []
         self.session: Session | None = None
+        # A session still opening: it opens while the first analysis is generated, off the
+        # critical path, and is awaited only when the critique first runs code.
+        self.opening: asyncio.Task[Session] | None = None
         # snapshots[j]: a fork of the session's state after j steps (j = 0: fresh).
         self.snapshots: list[Session] = []
+
+    @property
+    def has_sandbox(self) -> bool:
+        return self.session is not None or self.opening is not None
+
+    async def ready(self) -> Session:
+        if self.opening is not None:
+            task, self.opening = self.opening, None
+            self.session = await task
+        assert self.session is not None
+        return self.session
 
     async def rewind(self, keep: int) -> None:
         """Forget everything after ``keep`` steps; the working session restarts from there."""
         del self.critiques[keep:]
+        if self.opening is not None:
+            await self.ready()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -213,6 +229,9 @@ class _Chain:
             self.session = await self.snapshots[keep].fork()
 
     async def close(self) -> None:
+        if self.opening is not None:
+            with contextlib.suppress(Exception):
+                await self.ready()
         for session in [self.session, *self.snapshots]:
             if session is not None:
                 await session.close()
@@ -282,9 +301,7 @@ class GenPRMCritic:
     def _count(self, text: str) -> int:
         return len(self.template.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def _critique_step(
-        self, problem: str, steps: Sequence[str], chain: _Chain, session: Session | None
-    ) -> ChainCritique:
+    async def _critique_step(self, problem: str, steps: Sequence[str], chain: _Chain) -> ChainCritique:
         cfg = self.config
         k = len(chain.critiques) + 1
         started = time.perf_counter()
@@ -315,7 +332,7 @@ class GenPRMCritic:
         text += analysis.text
         code_runs: list[CodeRun] = []
         finished = False
-        verify = cfg.code_rounds > 0 and session is not None
+        verify = cfg.code_rounds > 0 and chain.has_sandbox
         if analysis.stop == ANALYZE_STOP and not verify:
             # No code verification: straight from the analysis to the judgement.
             text += OUTPUT_PREFIX
@@ -327,7 +344,7 @@ class GenPRMCritic:
             text += choice.text
             finished = True
         elif analysis.stop == ANALYZE_STOP:
-            assert session is not None  # verify implies a session
+            session = await chain.ready()
             text += VERIFY_PREFIX
             for _round in range(cfg.code_rounds):
                 left = cfg.max_critique_tokens - self._count(text)
@@ -449,7 +466,7 @@ class CritiqueRun:
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
             critiques = await _all_or_nothing(
-                [critic._critique_step(self.problem, steps, chain, chain.session) for chain in self._chains]
+                [critic._critique_step(self.problem, steps, chain) for chain in self._chains]
             )
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
@@ -483,15 +500,20 @@ class CritiqueRun:
         sandbox = self.critic.sandbox
         if len(chain.critiques) > keep or (chain.session is None and chain.snapshots):
             await chain.rewind(keep)
-        if sandbox is None or self.critic.config.code_rounds == 0 or chain.session is not None:
+        if sandbox is None or self.critic.config.code_rounds == 0 or chain.has_sandbox:
             return
-        chain.session = await sandbox.open_session()
-        if self.keep_snapshots and not chain.snapshots:
-            chain.snapshots.append(await chain.session.fork())
+
+        async def open_fresh() -> Session:
+            session = await sandbox.open_session()
+            if self.keep_snapshots and not chain.snapshots:
+                chain.snapshots.append(await session.fork())
+            return session
+
+        chain.opening = asyncio.create_task(open_fresh())
 
     async def _snapshot(self, chain: _Chain) -> None:
-        if self.keep_snapshots and chain.session is not None:
-            chain.snapshots.append(await chain.session.fork())
+        if self.keep_snapshots and chain.has_sandbox:
+            chain.snapshots.append(await (await chain.ready()).fork())
 
 
 async def _all_or_nothing(coroutines: list[Coroutine[Any, Any, _T]]) -> list[_T]:

@@ -447,11 +447,11 @@ class Probe:
             self._undo.append(lambda: setattr(owner, attr, old))
 
     def _wrap_step(self, inner: Callable[..., Any]) -> Callable[..., Any]:
-        async def step(problem: str, steps: Sequence[str], chain: Any, session: Any) -> Any:
+        async def step(problem: str, steps: Sequence[str], chain: Any) -> Any:
             _STEP.set((len(chain.critiques) + 1, id(chain)))
             start = time.perf_counter()
             try:
-                return await inner(problem, steps, chain, session)
+                return await inner(problem, steps, chain)
             finally:
                 self.record("step", start, time.perf_counter())
 
