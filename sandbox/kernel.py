@@ -91,21 +91,33 @@ def _recv_frame(sock: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(_recv_exact(sock, size)), list(fds)
 
 
-def _descendants(root: int) -> list[int]:
-    """All live descendants of ``root`` (by parent links in /proc), deepest last."""
+def _stat(pid: int | str) -> tuple[bytes, int] | None:
+    """A process's state letter and parent pid from /proc, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return (fields[0], int(fields[1])) if len(fields) > 1 else None
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> live (non-zombie) children, from one scan of /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and fields[0] != b"Z":  # zombies hold nothing: skip them
-            children.setdefault(int(fields[1]), []).append(int(name))
+        stat = _stat(name)
+        if stat is not None and stat[0] != b"Z":  # zombies hold nothing: skip them
+            children.setdefault(stat[1], []).append(int(name))
+    return children
+
+
+def _descendants(root: int) -> list[int]:
+    """All live descendants of ``root`` (by parent links in /proc), deepest last."""
+    children = _children()
     found, queue = [], [root]
     while queue:
         pid = queue.pop()
@@ -144,12 +156,8 @@ def _kill_tree(root: int) -> None:
 
 def _alive(pid: int) -> bool:
     """Whether the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
+    stat = _stat(pid)
+    return stat is not None and stat[0] != b"Z"
 
 
 def _preimport() -> list[str]:
@@ -891,17 +899,8 @@ class Supervisor:
         if self.forks:
             return  # a clone's pid is not known yet: it must not be mistaken for a stray
         known = {s.pid for s in self.sessions.values()}
-        me = os.getpid()
-        for pid in _descendants(me):
-            if pid in known:
-                continue
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if len(fields) > 1 and int(fields[1]) == me:
+        for pid in _children().get(os.getpid(), ()):
+            if pid not in known:
                 _kill_tree(pid)
 
     # ---- output pipes
