@@ -103,25 +103,65 @@ def _stat(pid: int | str) -> tuple[bytes, int] | None:
     return (fields[0], int(fields[1])) if len(fields) > 1 else None
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> live (non-zombie) children, from one scan of /proc."""
+def _children_file(pid: int, tid: str) -> str:
+    return f"/proc/{pid}/task/{tid}/children"
+
+
+# Whether this kernel lists each thread's children (CONFIG_PROC_CHILDREN): reading those few
+# files costs far less than the scan of every process in /proc that is the fallback.
+_HAS_CHILDREN_FILES = os.path.exists(_children_file(os.getpid(), str(os.getpid())))
+
+
+def _live(pids: list[int]) -> list[int]:
+    found = []
+    for pid in pids:
+        stat = _stat(pid)
+        if stat is not None and stat[0] != b"Z":  # zombies hold nothing: skip them
+            found.append(pid)
+    return found
+
+
+def _children_of(pid: int) -> list[int]:
+    """Live (non-zombie) children of ``pid``."""
+    if not _HAS_CHILDREN_FILES:
+        return _scan_children().get(pid, [])
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone
+    pids: list[int] = []
+    for tid in tids:
+        try:
+            with open(_children_file(pid, tid), "rb") as f:
+                pids.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue  # the thread exited meanwhile
+    return _live(pids)
+
+
+def _scan_children() -> dict[int, list[int]]:
+    """Parent pid -> live children, from one scan of /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         stat = _stat(name)
-        if stat is not None and stat[0] != b"Z":  # zombies hold nothing: skip them
+        if stat is not None and stat[0] != b"Z":
             children.setdefault(stat[1], []).append(int(name))
     return children
 
 
 def _descendants(root: int) -> list[int]:
     """All live descendants of ``root`` (by parent links in /proc), deepest last."""
-    children = _children()
+    if _HAS_CHILDREN_FILES:
+        children_of = _children_of
+    else:
+        children = _scan_children()
+        children_of = lambda pid: children.get(pid, [])  # noqa: E731 - one scan serves the walk
     found, queue = [], [root]
     while queue:
         pid = queue.pop()
-        for child in children.get(pid, ()):
+        for child in children_of(pid):
             found.append(child)
             queue.append(child)
     return found
@@ -899,7 +939,7 @@ class Supervisor:
         if self.forks:
             return  # a clone's pid is not known yet: it must not be mistaken for a stray
         known = {s.pid for s in self.sessions.values()}
-        for pid in _children().get(os.getpid(), ()):
+        for pid in _children_of(os.getpid()):
             if pid not in known:
                 _kill_tree(pid)
 

@@ -82,6 +82,7 @@ class SandboxPool:
         self._kernels: list[KernelClient] = []
         self._sessions: set[Session] = set()
         self._replacing: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
         self._replaced = 0
@@ -197,6 +198,11 @@ class SandboxPool:
                 replies.append(await kernel.request("ping", wait=self._wait()))
         return replies
 
+    async def settle(self) -> None:
+        """Wait until every session released with :meth:`Session.release` is gone."""
+        while self._releasing:
+            await asyncio.wait(set(self._releasing))
+
     async def close(self) -> None:
         """Close every session and stop every kernel. Idempotent."""
         if self._closed:
@@ -204,6 +210,8 @@ class SandboxPool:
         self._closed = True
         for task in list(self._replacing):
             task.cancel()
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=self._wait())
         for session in list(self._sessions):
             session._closed = True
         self._sessions.clear()
@@ -308,11 +316,28 @@ class Session:
 
     async def close(self) -> None:
         """Kill the worker and everything it started; remove its files. Idempotent."""
+        if self._detach():
+            await self._kill()
+
+    def release(self) -> None:
+        """Close without waiting: the session is closed (and uncounted) at once, and its worker
+        is killed in the background, a task the pool tracks and awaits when it closes. For
+        callers whose result is ready and who should not wait for the clean-up. Idempotent."""
+        if self._detach():
+            task = asyncio.create_task(self._kill())
+            self._pool._releasing.add(task)
+            task.add_done_callback(self._pool._releasing.discard)
+
+    def _detach(self) -> bool:
+        """Mark closed and drop from the pool's and kernel's accounting; False if it already was."""
         if self._closed:
-            return
+            return False
         self._closed = True
         self._pool._sessions.discard(self)
         self._kernel.sessions.discard(self.id)
+        return True
+
+    async def _kill(self) -> None:
         if self._kernel.alive:
             with contextlib.suppress(KernelDied, SandboxProtocolError):
                 await self._kernel.request("close", wait=self._pool._wait(), session=self.id)

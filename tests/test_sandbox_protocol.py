@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from critloop.errors import SandboxClosedError
-from critloop.sandbox import SandboxPool
+from critloop.sandbox import SandboxConfig, SandboxPool
 
 
 async def test_state_persists_across_execs(pool: SandboxPool) -> None:
@@ -197,6 +197,31 @@ async def test_closing_a_session_frees_its_processes(pool: SandboxPool) -> None:
     assert sum(k["processes"] for k in await pool.ping()) >= before + 2
     await session.close()
     assert sum(k["processes"] for k in await pool.ping()) == before
+
+
+async def test_released_session_is_uncounted_at_once_and_freed_in_the_background(pool: SandboxPool) -> None:
+    before = sum(k["processes"] for k in await pool.ping())
+    sessions = pool.status().sessions
+    session = await pool.open_session()
+    await session.exec("import subprocess\nsubprocess.Popen(['sleep', '60'])")
+    session.release()
+    session.release()  # idempotent
+    assert session.closed and pool.status().sessions == sessions
+    with pytest.raises(SandboxClosedError):
+        await session.exec("print(1)")
+    await pool.settle()
+    assert sum(k["processes"] for k in await pool.ping()) == before
+
+
+async def test_closing_the_pool_waits_for_released_sessions() -> None:
+    own = await SandboxPool(SandboxConfig(backend="local", pool_size=1)).start()
+    try:
+        session = await own.open_session()
+        session.release()
+        assert own._releasing
+    finally:
+        await own.close()
+    assert not own._releasing
 
 
 async def test_concurrent_sessions_never_mix_outputs(pool: SandboxPool) -> None:
