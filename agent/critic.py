@@ -35,7 +35,7 @@ from critloop.agent.critic_protocol import (
     CriticProfile,
     conversation,
 )
-from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for
+from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
 from critloop.errors import ConfigError
 from critloop.sandbox import SandboxPool, Session
 from critloop.tools.chat_template import ChatTemplate
@@ -237,6 +237,22 @@ class _Chain:
                 await session.close()
         self.session, self.snapshots = None, []
 
+    def release(self) -> None:
+        """Close without waiting (:meth:`Session.release`); a session still opening is
+        released when it arrives."""
+        if self.opening is not None:
+            self.opening.add_done_callback(_release_opened)
+            self.opening = None
+        for session in [self.session, *self.snapshots]:
+            if session is not None:
+                session.release()
+        self.session, self.snapshots = None, []
+
+
+def _release_opened(task: asyncio.Task[Session]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().release()
+
 
 class GenPRMCritic:
     """Critiques solutions step by step with the GenPRM protocol (DESIGN §2).
@@ -289,8 +305,12 @@ class GenPRMCritic:
         samples: int | None = None,
     ) -> CritiqueReport:
         """Critique a solution once (no reuse across calls)."""
-        async with self.run(problem, keep_snapshots=False) as run:
+        run = self.run(problem, keep_snapshots=False)
+        try:
             return await run.critique(steps, scan=scan, samples=samples)
+        finally:
+            # The report is ready: the sandbox clean-up need not delay it.
+            run.release()
 
     # ------------------------------------------------------------------ one chain, one step
 
@@ -315,20 +335,31 @@ class GenPRMCritic:
             )
         )
         usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # Tokens of the critique so far, kept as a running sum (the model's own counts plus
+        # ours of the text the protocol inserts) rather than re-tokenizing the growing text.
+        spent = 0
 
         async def complete(text: str, params: SamplingParams) -> CompletionResult:
+            nonlocal spent
             result = await self.model.complete(prompt + text, params)
             usage["calls"] += 1
             usage["prompt_tokens"] += result.prompt_tokens
             usage["completion_tokens"] += result.completion_tokens
+            choice = result.choices[0]
+            spent += choice.completion_tokens or self._count(choice.text)
             return result
 
-        text = ANALYZE_PREFIX.format(k=k)
+        def insert(piece: str) -> str:
+            nonlocal spent
+            spent += self._count(piece)
+            return piece
+
+        text = insert(ANALYZE_PREFIX.format(k=k))
         segments: list[Segment] = []
-        budget = cfg.max_critique_tokens - self._count(text)
+        budget = cfg.max_critique_tokens - spent
         first = await complete(text, self._params(stop=(ANALYZE_STOP,), max_tokens=max(1, budget)))
         analysis = first.choices[0]
-        segments.append(Segment(len(text), analysis.text, analysis.tokens))
+        segments.append(segment_after(text, analysis.text, analysis.tokens))
         text += analysis.text
         code_runs: list[CodeRun] = []
         finished = False
@@ -340,21 +371,21 @@ class GenPRMCritic:
                 text, self._params(stop=(OUTPUT_STOP,), max_tokens=cfg.forced_judgement_tokens)
             )
             choice = result.choices[0]
-            segments.append(Segment(len(text), choice.text, choice.tokens))
+            segments.append(segment_after(text, choice.text, choice.tokens))
             text += choice.text
             finished = True
         elif analysis.stop == ANALYZE_STOP:
             session = await chain.ready()
-            text += VERIFY_PREFIX
+            text += insert(VERIFY_PREFIX)
             for _round in range(cfg.code_rounds):
-                left = cfg.max_critique_tokens - self._count(text)
+                left = cfg.max_critique_tokens - spent
                 if left <= 0:
                     break
                 result = await complete(
                     text, self._params(stop=(CODE_FENCE_STOP, OUTPUT_STOP), max_tokens=left)
                 )
                 choice = result.choices[0]
-                segments.append(Segment(len(text), choice.text, choice.tokens))
+                segments.append(segment_after(text, choice.text, choice.tokens))
                 text += choice.text
                 if choice.stop == OUTPUT_STOP:
                     finished = True
@@ -365,7 +396,7 @@ class GenPRMCritic:
                     break
                 run = await self._run_code(text, session)
                 code_runs.append(run)
-                text += CODE_OUTPUT.format(output=run.output)
+                text += insert(CODE_OUTPUT.format(output=run.output))
         forced = not finished
         if forced:
             # The analysis alone, then the judgement (reference fallback).
@@ -374,7 +405,7 @@ class GenPRMCritic:
                 text, self._params(stop=(OUTPUT_STOP,), max_tokens=cfg.forced_judgement_tokens)
             )
             choice = result.choices[0]
-            segments = [Segment(len(text), choice.text, choice.tokens)]
+            segments = [segment_after(text, choice.text, choice.tokens)]
             text += choice.text
         verdict, offset = find_verdict(text)
         reward, source = reward_for(verdict, offset, segments, yes_ids=self._yes_ids, no_ids=self._no_ids)
@@ -432,8 +463,17 @@ class CritiqueRun:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close every chain's sandbox sessions, waiting until they are gone."""
         self._closed = True
         await asyncio.gather(*(chain.close() for chain in self._chains), return_exceptions=True)
+        self._chains = []
+
+    def release(self) -> None:
+        """Close without waiting: the sessions are killed in the background, tracked by the
+        pool (:meth:`SandboxPool.close` waits for them)."""
+        self._closed = True
+        for chain in self._chains:
+            chain.release()
         self._chains = []
 
     async def critique(

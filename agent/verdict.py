@@ -13,7 +13,7 @@ from typing import Literal
 
 from critloop.tools.completion import TokenLogprob
 
-__all__ = ["RewardSource", "Segment", "Verdict", "find_verdict", "reward_for"]
+__all__ = ["RewardSource", "Segment", "Verdict", "find_verdict", "reward_for", "segment_after"]
 
 Verdict = Literal["yes", "no", "none"]
 RewardSource = Literal["logprobs", "hard_label", "none"]
@@ -32,6 +32,18 @@ class Segment:
     start: int
     text: str
     tokens: tuple[TokenLogprob, ...] | None
+
+
+def segment_after(before: str, text: str, tokens: tuple[TokenLogprob, ...] | None) -> Segment:
+    """The stretch ``text`` a model generated after ``before``.
+
+    Its tokens are kept only where a verdict word can lie: a ``\\boxed`` in the stretch or just
+    before it. The other stretches (long analyses, code) keep an empty tuple, since holding
+    every token's top-k alternatives of every chain costs memory and collector time at scale.
+    """
+    if tokens is not None and "boxed" not in text and "boxed" not in before[-64:]:
+        tokens = ()
+    return Segment(len(before), text, tokens)
 
 
 def find_verdict(critique: str) -> tuple[Verdict, int | None]:

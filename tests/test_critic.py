@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 
@@ -10,12 +11,13 @@ from critic_script import DECISIONS, Plan, paragraph, scripted_genprm
 
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.critic_protocol import ANALYZE_PREFIX, FORCED_JUDGEMENT, VERIFY_PREFIX
+from critloop.agent.verdict import segment_after
 from critloop.errors import ModelEndpointError
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
 from critloop.tools.embedded import CachedModel
-from critloop.tools.fakes import ScriptedCompletionModel
+from critloop.tools.fakes import ScriptedCompletionModel, scripted_tokens
 
 PROBLEM = "What is 2 + 3 * 4?"
 STEPS = ["First, 3 * 4 = 12.", "Then 2 + 12 = 15.", "The answer is \\boxed{15}."]
@@ -200,6 +202,11 @@ async def test_the_token_limit_forces_the_judgement(template, pool) -> None:  # 
     chain = report.step_reports[0].chains[0]
     assert chain.forced
     assert model.calls[1][1].max_tokens < 300
+    # The running count agrees with tokenizing the critique so far (up to merges at the seams).
+    base = model.calls[0][0][: -len(ANALYZE_PREFIX.format(k=1))]
+    for prompt, params in model.calls[1:2]:
+        so_far = len(template.tokenizer(prompt[len(base) :], add_special_tokens=False)["input_ids"])
+        assert params.max_tokens is not None and abs((300 - so_far) - params.max_tokens) <= 3
 
 
 async def test_without_logprobs_the_reward_is_a_hard_label(template, pool) -> None:  # type: ignore[no-untyped-def]
@@ -271,6 +278,19 @@ async def test_majority_of_n_chains_with_their_own_sessions(template, pool) -> N
     assert step.flagged == (step.reward < 0.5)
     pids = {c.code_runs[0].output for c in step.chains}
     assert len(pids) == 4, "every chain runs in its own sandbox session"
+    # The one-shot critique returns without waiting for the clean-up, yet owns no session.
+    assert pool.status().sessions == 0
+    await pool.settle()
+    alive = await asyncio.gather(*(_session_alive(pool, pid.strip()) for pid in pids))
+    assert not any(alive), "every chain's worker is gone once the pool settles"
+
+
+async def _session_alive(pool: SandboxPool, pid: str) -> bool:
+    async with await pool.open_session() as probe:
+        result = await probe.exec(
+            f"import os\ntry:\n    os.kill({pid}, 0)\n    print('alive')\nexcept OSError:\n    print('gone')"
+        )
+    return result.stdout.strip() == "alive"
 
 
 async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  # type: ignore[no-untyped-def]
@@ -324,3 +344,11 @@ async def test_without_a_sandbox_the_critic_judges_from_the_analysis(template) -
     assert (chain.verdict, chain.forced, chain.code_runs) == ("yes", False, ())
     assert chain.text.endswith("Fine.\n</analyze>\n<output>\n**Judgement**: $\\boxed{Yes}$\n</output>\n")
     assert math.isclose(chain.reward, YES)
+
+
+def test_segments_keep_tokens_only_where_a_verdict_can_lie() -> None:
+    tokens = scripted_tokens("Looks fine.")
+    assert segment_after("<analyze>\n", "Looks fine.", tokens).tokens == ()
+    assert segment_after("x", "$\\boxed{Yes}$", tokens).tokens == tokens
+    assert segment_after("**Judgement**: $\\boxed", "{No}$", tokens).tokens == tokens
+    assert segment_after("x", "no logprobs", None).tokens is None  # hard-label mode stays visible

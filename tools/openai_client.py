@@ -173,26 +173,38 @@ class OpenAICompletionModel:
         )
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        attempt = 0
-        last = "no attempt made"
+        # The first attempt runs outside the retry machinery: tenacity allocates a dozen
+        # objects per call, which at the critic's fan-out feed the garbage collector.
         try:
-            async for attempt_state in AsyncRetrying(
-                retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
-                stop=stop_after_attempt(self.max_attempts),
-                wait=self._wait,
-                reraise=True,
-            ):
-                with attempt_state:
-                    attempt += 1
-                    return await self._post_once(body)
+            return await self._post_once(body)
         except _Retryable as exc:
-            last = str(exc)
-        raise ModelEndpointError(f"{self._url}: gave up after {attempt} attempts; last failure: {last}")
+            failure = exc
+        attempt = 1
+        if self.max_attempts > 1:
+            await asyncio.sleep(self._backoff(1, failure))
+            try:
+                async for attempt_state in AsyncRetrying(
+                    retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+                    stop=stop_after_attempt(self.max_attempts - 1),
+                    wait=self._wait,
+                    reraise=True,
+                ):
+                    with attempt_state:
+                        attempt += 1
+                        return await self._post_once(body)
+            except _Retryable as exc:
+                failure = exc
+        raise ModelEndpointError(f"{self._url}: gave up after {attempt} attempts; last failure: {failure}")
 
     def _wait(self, state: RetryCallState) -> float:
-        backoff = min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (state.attempt_number - 1))
-        backoff = random.uniform(backoff / 2, backoff)  # jitter: clients retrying together spread out
         exc = state.outcome.exception() if state.outcome else None
+        # The first attempt ran before the retry loop: its attempt 1 is the call's attempt 2.
+        return self._backoff(state.attempt_number + 1, exc)
+
+    def _backoff(self, failed_attempt: int, exc: BaseException | None) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` failed with ``exc``."""
+        backoff = min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (failed_attempt - 1))
+        backoff = random.uniform(backoff / 2, backoff)  # jitter: clients retrying together spread out
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             backoff = max(backoff, min(exc.retry_after, 4 * self.max_backoff_seconds))
         return backoff
@@ -355,7 +367,6 @@ class OpenAICompletionModel:
             result.append(self._with_chosen(text, token_id, float(entry["logprob"]), alternatives))
         return result
 
-    @staticmethod
     @staticmethod
     def _with_chosen(text: str, token_id: int | None, logprob: float, top: list[TopLogprob]) -> TokenLogprob:
         """The token, with itself among its alternatives (as vLLM and the engine return it)."""
