@@ -18,7 +18,9 @@ tokenizer, and a Docker :class:`SandboxPool` (2 kernels):
    ``critique(..., samples=1)`` per chain. (b) takes minutes, so it runs on a subset of the
    solutions and is extrapolated linearly to K (``--full-sequential`` runs all of it). The
    server counts the requests it saw; the ideal time of one solution is its critical path,
-   S x 3 rounds x delay, and all K run side by side. An instrumented re-run of (a) splits each
+   S x 3 rounds x delay, and all K run side by side. Every run freezes the heap first
+   (``gc.freeze()``), as critloop's CLI commands and server do after start-up; a diagnostic
+   run without it shows what a plain Python process pays. An instrumented re-run of (a) splits each
    solution's wall time along its critical path (model calls, sandbox exec, tokenizer and
    template work, session open/close) and reports the event loop's lag and the CPU time of the
    client, the server and the sandbox containers.
@@ -150,7 +152,7 @@ def machine_facts() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": f"{platform.python_version()} ({sys.executable})",
         "critloop": _version("critloop"),
-        "httpx": _version("httpx"),
+        "aiohttp": _version("aiohttp"),
         "transformers": _version("transformers"),
         "tokenizers": _version("tokenizers"),
     }
@@ -588,7 +590,7 @@ def _critic_config(model: OpenAICompletionModel, samples: int) -> CriticConfig:
 
 
 def _max_connections(model: OpenAICompletionModel) -> int | str:
-    """The HTTP client's connection limit (httpx internals; "?" where they differ)."""
+    """The HTTP client's connection limit ("?" where unknown)."""
     try:
         return int(model._max_connections)
     except (AttributeError, TypeError, ValueError):
@@ -695,9 +697,11 @@ async def bench_concurrency(
         result["warmup_s"] = time.perf_counter() - t0
 
         reports = await measure(
-            "critloop", f"critloop: {k} critique() calls at once (gather), samples={n}, one shared client",
+            "critloop", f"critloop: {k} critique() calls at once (gather), samples={n}, one shared client, "
+            "heap frozen after start-up as critloop's CLI and server run",
             ideal, expected, lambda: concurrent_critiques(critic, items, n),
-            "the headline: one OpenAICompletionModel (httpx pool of up to 256 connections) for all",
+            "the headline: one OpenAICompletionModel (aiohttp pool of up to 256 connections) for all",
+            freeze=True,
         )  # fmt: skip
         check = verify_reports(reports, s, n)
         runs["critloop"]["check"] = check
@@ -734,36 +738,37 @@ async def bench_concurrency(
                 },
             }
 
-        await instrumented("critloop", "one shared client (as the headline)", critic)
+        await instrumented(
+            "critloop", "one shared client, frozen heap (as the headline)", critic, freeze=True
+        )
 
         # Diagnostics: the same critiques with other client wiring, and the HTTP client alone.
         reports = await measure(
             "per_solution",
-            f"diagnostic: the same, one client per solution ({k} httpx pools of <= {n} in use)",
+            f"diagnostic: the same, one client per solution ({k} aiohttp pools of <= {n} in use)",
             ideal, expected, lambda: concurrent_critiques(critics, items, n),
-            "isolates the httpx pool's cost per request, which grows with its connections",
+            "isolates the HTTP pool's cost per request, which grows with its connections",
+            freeze=True,
         )  # fmt: skip
         runs["per_solution"]["paths_ok"] = _paths_ok(verify_reports(reports, s, n))
 
         reports = await measure(
-            "per_solution_frozen", "diagnostic: one client per solution, and gc.freeze() before the run",
-            ideal, expected, lambda: concurrent_critiques(critics, items, n),
+            "unfrozen", "diagnostic: the headline without gc.freeze() (a plain Python process)",
+            ideal, expected, lambda: concurrent_critiques(critic, items, n),
             "isolates the full garbage collections, which scan every object of torch & co. each time",
-            freeze=True,
         )  # fmt: skip
-        runs["per_solution_frozen"]["paths_ok"] = _paths_ok(verify_reports(reports, s, n))
-        await instrumented(
-            "per_solution_frozen", "one client per solution + gc.freeze()", critics, freeze=True
-        )
+        runs["unfrozen"]["paths_ok"] = _paths_ok(verify_reports(reports, s, n))
+        await instrumented("unfrozen", "one shared client, heap not frozen", critic)
         await measure(
             "bare_shared",
             f"HTTP floor: {s * ROUNDS} rounds of {k * n} concurrent bare complete(), one shared client",
             ideal, expected, lambda: bare_rounds([shared], s * ROUNDS, k * n),
             "no critic, no sandbox: the client's own cost at this fan-out",
+            freeze=True,
         )  # fmt: skip
         await measure(
             "bare_per_solution", f"HTTP floor: the same rounds over {k} clients",
-            ideal, expected, lambda: bare_rounds(own, s * ROUNDS, k * n),
+            ideal, expected, lambda: bare_rounds(own, s * ROUNDS, k * n), freeze=True,
         )  # fmt: skip
 
         seq_k = k if full_sequential else plan.sequential_solutions
@@ -774,6 +779,7 @@ async def bench_concurrency(
             f"one request at a time (~{seq_ideal:.0f} s)",
             seq_ideal, seq_k * s * n * ROUNDS, lambda: sequential_critiques(critic, items[:seq_k], n),
             "the reference implementation's loop",
+            freeze=True,
         )  # fmt: skip
         check = verify_reports(seq_reports, s, 1)
         seq = runs["sequential"]
@@ -809,7 +815,7 @@ async def bench_concurrency(
     )
     report.checks["concurrent: every chain took the scripted path"] = headline["paths_ok"]
     report.checks["diagnostic runs: every chain took the scripted path"] = (
-        runs["per_solution"]["paths_ok"] and runs["per_solution_frozen"]["paths_ok"]
+        runs["per_solution"]["paths_ok"] and runs["unfrozen"]["paths_ok"]
     )
     report.checks["every run: server requests == expected"] = all(
         r["server"]["requests"] == r["requests_expected"] for r in runs.values()
@@ -975,7 +981,7 @@ def render(report: Report, console: Console) -> None:
                 f"{cpu['gc2_count']} ({cpu['gc2_total_ms']:.0f})",
             )  # fmt: skip
 
-        for key in ("critloop", "per_solution", "per_solution_frozen", "bare_shared", "bare_per_solution"):
+        for key in ("critloop", "unfrozen", "per_solution", "bare_shared", "bare_per_solution"):
             if key in runs:
                 row(runs[key])
         seq = runs.get("sequential")
@@ -1219,7 +1225,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]command:[/bold] {command}")
     console.print(
         f"[bold]machine:[/bold] {m['cpus usable (affinity)']} usable CPUs ({m['cpu_model']}), "
-        f"{m['mem_total_gib']} GiB, Python {platform.python_version()}, httpx {m['httpx']}, Docker "
+        f"{m['mem_total_gib']} GiB, Python {platform.python_version()}, aiohttp {m['aiohttp']}, Docker "
         f"{m.get('docker_engine')}, loadavg {m['loadavg_start']}"
     )
     console.print(
