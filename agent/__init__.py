@@ -1,4 +1,4 @@
-"""The roles of the refine loop: the GenPRM critic today; the policy and refiner come next."""
+"""The roles of the refine loop: the policy, the GenPRM critic and the refiner; steps and answers."""
 
 from critloop.agent.critic import (
     ChainCritique,

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -476,10 +476,37 @@ class CritiqueRun:
             chain.release()
         self._chains = []
 
+    def adopt(self, report: CritiqueReport) -> None:
+        """Continue from an earlier report (say, one restored from a checkpoint in a new process):
+        its steps' critiques are reused as if this run had made them. Sandbox state is not part
+        of a report: the chains' sessions start fresh, so code of later steps cannot see
+        variables that code of earlier steps defined."""
+        if self._closed:
+            raise ConfigError("this critique run is closed")
+        self.release()
+        self._closed = False
+        self._chains = [_Chain() for _ in range(report.samples)]
+        for i, chain in enumerate(self._chains):
+            chain.critiques = [step.chains[i] for step in report.step_reports if i < len(step.chains)]
+        self._steps = list(report.steps[: len(report.step_reports)])
+        self._reports = list(report.step_reports)
+
     async def critique(
-        self, steps: Sequence[str], *, scan: ScanMode = "first_error", samples: int | None = None
+        self,
+        steps: Sequence[str],
+        *,
+        scan: ScanMode = "first_error",
+        samples: int | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
     ) -> CritiqueReport:
-        """Critique ``steps`` (reusing what is unchanged since the last call)."""
+        """Critique ``steps`` (reusing what is unchanged since the last call).
+
+        Args:
+            steps: the solution's steps.
+            scan: ``first_error`` stops at the first flagged step; ``all`` scores every step.
+            samples: Maj@N chains (default: the config's ``samples``).
+            on_step: called with each newly critiqued step's report as soon as it is ready.
+        """
         if self._closed:
             raise ConfigError("this critique run is closed")
         steps = list(steps)
@@ -513,15 +540,16 @@ class CritiqueRun:
             await asyncio.gather(*(self._snapshot(chain) for chain in self._chains))
             reward = sum(c.reward for c in critiques) / len(critiques)
             verdicts = {v: sum(c.verdict == v for c in critiques) for v in ("yes", "no", "none")}
-            self._reports.append(
-                StepReport(
-                    index=index,
-                    reward=reward,
-                    flagged=reward < cfg.threshold,
-                    verdicts=verdicts,
-                    chains=tuple(critiques),
-                )
+            step_report = StepReport(
+                index=index,
+                reward=reward,
+                flagged=reward < cfg.threshold,
+                verdicts=verdicts,
+                chains=tuple(critiques),
             )
+            self._reports.append(step_report)
+            if on_step is not None:
+                on_step(step_report)
             for critique in critiques:
                 usage += critique.usage.model_copy(update={"seconds": 0.0})  # wall time is measured once
         usage = usage.model_copy(update={"seconds": time.perf_counter() - started})

@@ -9,11 +9,25 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from critloop.agent.critic import CriticConfig
+from critloop.agent.policy import RefineMode
 from critloop.errors import ConfigError
+from critloop.graphs.budget import Budget
 from critloop.sandbox import SandboxConfig
 from critloop.tools.endpoint import EndpointConfig
 
-__all__ = ["CritloopConfig", "load_config"]
+__all__ = ["CritloopConfig", "RefineConfig", "load_config"]
+
+
+class RefineConfig(BaseModel):
+    """The ``[refine]`` table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: RefineMode = "step"
+    """``step``: rewrite the first flagged step, then the policy continues; ``full``: the reference
+    protocol (a whole new solution)."""
+    max_step_tokens: int = Field(default=512, ge=16)
+    """The limit of one rewritten step (``step`` mode)."""
 
 
 class CritloopConfig(BaseModel):
@@ -34,6 +48,10 @@ class CritloopConfig(BaseModel):
     """The model that rewrites a flagged step; None: the policy's endpoint."""
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     """The code sandbox of the critic."""
+    budget: Budget = Field(default_factory=Budget)
+    """Limits of one refine run."""
+    refine: RefineConfig = Field(default_factory=lambda: RefineConfig())
+    """How flagged steps are refined."""
 
     @property
     def refiner_endpoint(self) -> EndpointConfig:

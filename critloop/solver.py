@@ -1,0 +1,292 @@
+"""The Solver: the refine loop as a Python API.
+
+Example:
+    >>> from critloop import Budget, Solver
+    >>> result = Solver.from_config(budget=Budget(max_rounds=1)).solve("What is 2 + 3 * 4?")  # doctest: +SKIP
+    >>> result.answer, result.stop_reason  # doctest: +SKIP
+    ('14', 'all_steps_pass')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from critloop.agent.critic import GenPRMCritic
+from critloop.agent.policy import Policy, RefineMode, Refiner
+from critloop.agent.writer import ChatModelWriter, CompletionWriter, Writer
+from critloop.config import CritloopConfig, load_config
+from critloop.errors import ConfigError
+from critloop.graphs.budget import Budget, StopReason, Usage
+from critloop.graphs.refine import RefineContext, RoundRecord, build_refine_graph, release_runs
+from critloop.sandbox import SandboxPool
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.endpoint import EndpointConfig, build_completion_model
+
+__all__ = ["SolveResult", "Solver", "make_graph"]
+
+
+class SolveResult(BaseModel):
+    """What a refine run gave. JSON-serialisable (``model_dump_json()``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    problem: str
+    answer: str | None
+    """The content of the final solution's last ``\\boxed{}``; None when it has none."""
+    final_steps: list[str]
+    """The best solution seen (all-pass wins, then the longest passing prefix, then the mean
+    reward), not merely the last one."""
+    initial_steps: list[str]
+    """The policy's first solution."""
+    step_rewards: list[float]
+    """Rewards of the final steps, as far as the critic went (first-error scan)."""
+    rounds: list[RoundRecord]
+    """One entry per refinement: the flagged step, the critique used, the rewrite."""
+    stop_reason: StopReason
+    error: str | None = None
+    """What failed, when ``stop_reason`` is ``error`` (the trace up to there is kept)."""
+    last_report: dict[str, Any] | None = None
+    """The critic's last full report (:class:`~critloop.agent.critic.CritiqueReport` as JSON)."""
+    usage: Usage
+    seconds: float
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SolveResult:
+        return cls(
+            problem=state["problem"],
+            answer=state.get("answer"),
+            final_steps=state.get("final_steps") or state.get("steps") or [],
+            initial_steps=state.get("initial_steps") or [],
+            step_rewards=state.get("step_rewards") or [],
+            rounds=state.get("rounds") or [],
+            stop_reason=state.get("stop_reason") or "error",
+            error=state.get("error"),
+            last_report=state.get("report"),
+            usage=Usage.model_validate(state.get("usage") or {}),
+            seconds=state.get("seconds", 0.0),
+        )
+
+
+class Solver:
+    """Solves math problems with the self-correcting loop: policy -> GenPRM critic -> refiner.
+
+    Build it from a config file (:meth:`from_config`) or from objects. Use ``async with`` (or
+    :meth:`aclose`) to release what it started (models, sandbox containers).
+
+    Args:
+        policy: the policy's writer, or any LangChain ``BaseChatModel``.
+        critic: the GenPRM critic (with its sandbox pool).
+        refiner: the refiner's writer or chat model; default: the policy's.
+        budget: limits of each run.
+        mode: how flagged steps are refined.
+        checkpointer: a LangGraph saver for durable runs (pass ``thread_id`` to the calls).
+        max_tokens: the limit of one policy reply (None: the writer's default).
+        max_step_tokens: the limit of one rewritten step.
+
+    Example:
+        >>> async with Solver.from_config("critloop.toml") as solver:  # doctest: +SKIP
+        ...     async for event in solver.astream("What is 2 + 3 * 4?"):
+        ...         print(event["event"])
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: Writer | Any,
+        critic: GenPRMCritic,
+        refiner: Writer | Any | None = None,
+        budget: Budget | None = None,
+        mode: RefineMode = "step",
+        checkpointer: Any = None,
+        max_tokens: int | None = None,
+        max_step_tokens: int = 512,
+    ) -> None:
+        self.policy = Policy(_writer(policy), max_tokens=max_tokens)
+        self.refiner = Refiner(
+            _writer(refiner) if refiner is not None else self.policy.writer,
+            self.policy,
+            mode=mode,
+            max_tokens=max_step_tokens,
+        )
+        self.critic = critic
+        self.budget = budget or Budget()
+        self.graph = build_refine_graph(checkpointer=checkpointer)
+        self._owned: list[Any] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | Path | CritloopConfig | None = None,
+        *,
+        budget: Budget | None = None,
+        checkpointer: Any = None,
+    ) -> Solver:
+        """A solver for the models, critic, sandbox and budget of a config (a TOML path, a
+        :class:`CritloopConfig`, or None for the embedded defaults). Raises ConfigError."""
+        cfg = config if isinstance(config, CritloopConfig) else load_config(config)
+        pool = SandboxPool(cfg.sandbox)
+        solver = cls(
+            policy=_completion_writer(cfg.policy),
+            critic=GenPRMCritic.from_config(cfg.critic, pool),
+            refiner=_completion_writer(cfg.refiner) if cfg.refiner else None,
+            budget=budget or cfg.budget,
+            mode=cfg.refine.mode,
+            checkpointer=checkpointer,
+            max_step_tokens=cfg.refine.max_step_tokens,
+        )
+        solver._owned.append(pool)
+        return solver
+
+    def context(self, budget: Budget | None = None) -> RefineContext:
+        """A fresh runtime context for one run of :attr:`graph`."""
+        return RefineContext(
+            policy=self.policy, refiner=self.refiner, critic=self.critic, budget=budget or self.budget
+        )
+
+    async def asolve(
+        self, problem: str, *, thread_id: str | None = None, budget: Budget | None = None
+    ) -> SolveResult:
+        """Solve ``problem``. With a checkpointer and a ``thread_id`` already used, an unfinished
+        run resumes where it stopped, and a finished one returns its result without any model call."""
+        result: SolveResult | None = None
+        async for event in self.astream(problem, thread_id=thread_id, budget=budget):
+            if event["event"] == "done":
+                result = event["result"]
+        assert result is not None
+        return result
+
+    def solve(
+        self, problem: str, *, thread_id: str | None = None, budget: Budget | None = None
+    ) -> SolveResult:
+        """:meth:`asolve` for scripts (runs its own event loop, and closes the solver's resources)."""
+
+        async def once() -> SolveResult:
+            try:
+                return await self.asolve(problem, thread_id=thread_id, budget=budget)
+            finally:
+                await self.aclose()
+
+        return asyncio.run(once())
+
+    async def astream(
+        self, problem: str, *, thread_id: str | None = None, budget: Budget | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The run as events: ``{"event": "step", index, reward, verdict, flagged, critique}`` for
+        each critiqued step, ``refining`` / ``refined`` around each refinement, ``solution`` for
+        each new solution, and finally ``{"event": "done", "result": SolveResult}``."""
+        if not problem.strip():
+            raise ConfigError("the problem is empty")
+        await self._start()
+        config = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}}
+        graph_input: dict[str, Any] | None = {"problem": problem}
+        if thread_id is not None and self.graph.checkpointer is not None:
+            saved = await self.graph.aget_state(config)
+            if saved.values and saved.values.get("problem") not in (None, problem):
+                raise ConfigError(f"thread {thread_id!r} belongs to another problem")
+            if saved.values and not saved.next:  # finished before: its result, no model call
+                yield {"event": "done", "result": SolveResult.from_state(saved.values)}
+                return
+            if saved.next:
+                graph_input = None  # resume from the last finished node
+        context = self.context(budget)
+        state: dict[str, Any] = {}
+        try:
+            async for mode, chunk in self.graph.astream(
+                graph_input, config, context=context, stream_mode=["custom", "values"]
+            ):
+                if mode == "custom":
+                    yield chunk
+                    continue
+                if (
+                    chunk.get("steps")
+                    and chunk.get("steps") != state.get("steps")
+                    and "final_steps" not in chunk
+                ):
+                    yield {
+                        "event": "solution",
+                        "steps": chunk["steps"],
+                        "round": len(chunk.get("rounds") or []),
+                    }
+                state = chunk
+        finally:
+            release_runs(context)
+        yield {"event": "done", "result": SolveResult.from_state(state)}
+
+    async def _start(self) -> None:
+        for owned in self._owned:
+            if isinstance(owned, SandboxPool):
+                await owned.start()
+
+    async def aclose(self) -> None:
+        """Close what the solver started itself (the sandbox pool, model clients)."""
+        for owned in self._owned:
+            if isinstance(owned, SandboxPool):
+                await owned.close()
+        from critloop.tools.openai_client import OpenAICompletionModel
+
+        # HTTP clients hold connections; in-process engines are shared across solvers and stay.
+        for writer in (self.policy.writer, self.refiner.writer):
+            model = getattr(writer, "model", None)
+            if isinstance(model, OpenAICompletionModel) and any(model is m for m in self._owned_models()):
+                await model.aclose()
+        if isinstance(self.critic.model, OpenAICompletionModel) and self._owned:
+            await self.critic.model.aclose()
+
+    def _owned_models(self) -> list[Any]:
+        return (
+            [getattr(w, "model", None) for w in (self.policy.writer, self.refiner.writer)]
+            if self._owned
+            else []
+        )
+
+    async def __aenter__(self) -> Solver:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def _writer(model: Any) -> Writer:
+    if isinstance(model, Writer):
+        return model
+    from langchain_core.language_models import BaseChatModel
+
+    if isinstance(model, BaseChatModel):
+        return ChatModelWriter(model)
+    raise ConfigError(
+        f"{type(model).__name__} is neither a Writer nor a LangChain chat model; wrap a completion "
+        "model as CompletionWriter(model, ChatTemplate.from_pretrained(...), SamplingParams(...))"
+    )
+
+
+def _completion_writer(endpoint: EndpointConfig) -> CompletionWriter:
+    return CompletionWriter(
+        build_completion_model(endpoint),
+        ChatTemplate.from_pretrained(endpoint.tokenizer_ref),
+        endpoint.sampling(),
+    )
+
+
+def make_graph(config: Any = None) -> Any:
+    """The graph factory named in ``langgraph.json`` (for ``langgraph dev``): the refine graph
+    with no checkpointer (the server brings its own), whose runs without a context use the
+    models of the config file named by ``$CRITLOOP_CONFIG`` (or the embedded defaults)."""
+    import os
+
+    async def default_context() -> RefineContext:
+        cfg = load_config(os.environ.get("CRITLOOP_CONFIG") or None)
+        solver = Solver.from_config(cfg)
+        await solver._start()
+        return solver.context()
+
+    return build_refine_graph(default_context=default_context)

@@ -1,0 +1,382 @@
+"""The refine graph: policy -> critic -> (finalize | refine -> critic ...), on LangGraph.
+
+Clients, the critic and its sandbox pool travel in the runtime context (:class:`RefineContext`),
+never in the checkpointed state, which holds only JSON data: with a checkpointer and a
+``thread_id``, an interrupted run resumes from its last finished node without repeating the
+model calls that node made.
+
+Example:
+    >>> graph = build_refine_graph()
+    >>> sorted(graph.get_graph().nodes)
+    ['__end__', '__start__', 'critic', 'finalize', 'policy', 'refine']
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
+from langgraph.types import Checkpointer
+from typing_extensions import TypedDict
+
+from critloop.agent.critic import CritiqueReport, CritiqueRun, GenPRMCritic, StepReport
+from critloop.agent.policy import Policy, Refiner, critique_analysis
+from critloop.agent.steps import extract_answer
+from critloop.agent.writer import Written
+from critloop.errors import CritloopError
+from critloop.graphs.budget import Budget, Role, RoleUsage, StopReason, Usage
+
+__all__ = [
+    "BestSolution",
+    "ContextFactory",
+    "RefineContext",
+    "RefineState",
+    "RoundRecord",
+    "build_refine_graph",
+    "release_runs",
+]
+
+CRITIQUE_PREVIEW = 280
+"""Characters of a critique's analysis carried by a streamed step event."""
+
+
+@dataclass(kw_only=True)
+class RefineContext:
+    """What the graph's nodes run with: the roles and the budget. Not checkpointed.
+
+    A field left None is filled from the graph's default context (see
+    :func:`build_refine_graph`), which is how ``langgraph dev`` serves the graph.
+    """
+
+    policy: Policy | None = None
+    """Writes the first solution and continues after a rewritten step."""
+    refiner: Refiner | None = None
+    """Rewrites the first flagged step (or the whole solution, in ``full`` mode)."""
+    critic: GenPRMCritic | None = None
+    """The GenPRM critic, with its sandbox pool."""
+    budget: Budget = field(default_factory=Budget)
+    """Limits of the run."""
+    runs: dict[str, CritiqueRun] = field(default_factory=dict)
+    """Live critique runs, per problem: chains and sandbox snapshots for incremental re-critique."""
+
+
+class RoundRecord(TypedDict):
+    """One refinement."""
+
+    round: int
+    """1-based."""
+    index: int
+    """0-based index of the step that was flagged and rewritten."""
+    flagged_step: str
+    reward: float
+    """The flagged step's reward."""
+    critique: str
+    """The analysis shown to the refiner (from the chain most sure the step is wrong)."""
+    rewrite: str
+    """The rewritten step (``step`` mode) or the new solution (``full`` mode)."""
+    steps: list[str]
+    """The solution after this round."""
+
+
+class BestSolution(TypedDict):
+    steps: list[str]
+    step_rewards: list[float]
+    all_pass: bool
+    score: list[float]
+
+
+class RefineState(TypedDict, total=False):
+    """The graph's state (JSON data only, so any checkpointer can store it)."""
+
+    problem: str
+    steps: list[str]
+    """The current solution."""
+    initial_steps: list[str]
+    report: dict[str, Any] | None
+    """The critic's report on ``steps`` (:class:`CritiqueReport` as JSON)."""
+    seen: list[list[str]]
+    """Every solution critiqued so far."""
+    rounds: list[RoundRecord]
+    best: BestSolution | None
+    usage: dict[str, Any]
+    """:class:`Usage` as JSON."""
+    seconds: float
+    """Run time so far, summed over nodes (kept across resumes)."""
+    stop_reason: StopReason | None
+    error: str | None
+    final_steps: list[str]
+    step_rewards: list[float]
+    answer: str | None
+
+
+ContextFactory = Callable[[], Awaitable[RefineContext]]
+
+
+def build_refine_graph(
+    *, checkpointer: Checkpointer = None, default_context: ContextFactory | None = None
+) -> Any:
+    """The compiled refine graph.
+
+    Args:
+        checkpointer: any LangGraph saver (e.g. ``AsyncSqliteSaver``) for durable runs; pass a
+            ``thread_id`` in the run's config.
+        default_context: builds the context for runs that bring none (or bring an incomplete
+            one), e.g. the LangGraph server's.
+    """
+    nodes = _Nodes(default_context)
+    graph = StateGraph(RefineState, context_schema=RefineContext)
+    graph.add_node("policy", nodes.policy)
+    graph.add_node("critic", nodes.critic)
+    graph.add_node("refine", nodes.refine)
+    graph.add_node("finalize", nodes.finalize)
+    graph.add_edge(START, "policy")
+    graph.add_conditional_edges("policy", _after_policy, ["critic", "finalize"])
+    graph.add_conditional_edges("critic", _after_critic, ["refine", "finalize"])
+    graph.add_conditional_edges("refine", _after_refine, ["critic", "finalize"])
+    graph.add_edge("finalize", END)
+    return graph.compile(checkpointer=checkpointer, name="critloop-refine")
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _after_policy(state: RefineState) -> str:
+    return "finalize" if state.get("stop_reason") else "critic"
+
+
+def _after_critic(state: RefineState) -> str:
+    return "finalize" if state.get("stop_reason") else "refine"
+
+
+def _after_refine(state: RefineState) -> str:
+    return "finalize" if state.get("stop_reason") else "critic"
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class _Nodes:
+    def __init__(self, default_context: ContextFactory | None) -> None:
+        self._default_context = default_context
+        self._default: RefineContext | None = None
+        self._lock = asyncio.Lock()
+
+    async def _context(self, runtime: Runtime[RefineContext]) -> RefineContext:
+        ctx = runtime.context if isinstance(runtime.context, RefineContext) else RefineContext()
+        if ctx.policy is not None and ctx.refiner is not None and ctx.critic is not None:
+            return ctx
+        if self._default_context is None:
+            raise CritloopError("the refine graph needs a RefineContext with policy, refiner and critic")
+        async with self._lock:
+            if self._default is None:
+                self._default = await self._default_context()
+        base = self._default
+        return RefineContext(
+            policy=ctx.policy or base.policy,
+            refiner=ctx.refiner or base.refiner,
+            critic=ctx.critic or base.critic,
+            budget=ctx.budget if isinstance(runtime.context, RefineContext) else base.budget,
+            runs=ctx.runs if ctx.runs or isinstance(runtime.context, RefineContext) else base.runs,
+        )
+
+    async def policy(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
+        ctx = await self._context(runtime)
+        assert ctx.policy is not None
+        async with _Step(state, ctx.budget) as step:
+            draft = await ctx.policy.solve(state["problem"])
+            step.charge("policy", draft.replies)
+            if not draft.steps:
+                return step.stop("error", "the policy wrote an empty solution")
+            return step.update(steps=draft.steps, initial_steps=draft.steps, seen=[], rounds=[])
+        return step.result
+
+    async def critic(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
+        ctx = await self._context(runtime)
+        assert ctx.critic is not None
+        writer = runtime.stream_writer
+        async with _Step(state, ctx.budget) as step:
+            run = ctx.runs.get(state["problem"])
+            if run is None:
+                run = ctx.runs[state["problem"]] = ctx.critic.run(state["problem"])
+                if state.get("report"):
+                    run.adopt(CritiqueReport.model_validate(state["report"]))
+
+            def on_step(report: StepReport) -> None:
+                writer(_step_event(report))
+
+            report = await run.critique(state["steps"], samples=ctx.budget.samples, on_step=on_step)
+            u = report.usage
+            step.charge_usage(
+                "critic",
+                RoleUsage(
+                    calls=u.calls,
+                    prompt_tokens=u.prompt_tokens,
+                    completion_tokens=u.completion_tokens,
+                    seconds=u.seconds,
+                ),
+            )
+            best = _better(state.get("best"), report)
+            update = step.update(
+                report=report.model_dump(mode="json"),
+                best=best,
+                seen=[*state.get("seen", []), list(report.steps)],
+            )
+            if report.all_pass:
+                return step.stop("all_steps_pass", update=update)
+            return step.check_budget(len(state.get("rounds", [])), update)
+        return step.result
+
+    async def refine(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
+        ctx = await self._context(runtime)
+        assert ctx.refiner is not None
+        writer = runtime.stream_writer
+        report = CritiqueReport.model_validate(state["report"])
+        index = report.first_error
+        assert index is not None, "refine runs only after a flagged step"
+        flagged = report.step_reports[index]
+        doubter = min(flagged.chains, key=lambda chain: chain.reward)
+        analysis = critique_analysis(doubter.text)
+        number = len(state.get("rounds", [])) + 1
+        writer({"event": "refining", "round": number, "index": index, "step": state["steps"][index]})
+        async with _Step(state, ctx.budget) as step:
+            refinement = await ctx.refiner.refine(state["problem"], state["steps"], index, analysis)
+            step.charge("refiner", refinement.replies)
+            step.charge("policy", refinement.continued)
+            record: RoundRecord = {
+                "round": number,
+                "index": index,
+                "flagged_step": state["steps"][index],
+                "reward": flagged.reward,
+                "critique": analysis,
+                "rewrite": refinement.rewrite,
+                "steps": refinement.steps,
+            }
+            writer({"event": "refined", "round": number, "index": index, "rewrite": refinement.rewrite})
+            update = step.update(rounds=[*state.get("rounds", []), record])
+            if not refinement.steps:
+                return step.stop("no_progress", "the refiner wrote nothing usable", update=update)
+            if refinement.steps in state.get("seen", []):
+                return step.stop(
+                    "no_progress", "the refinement gave back a solution already critiqued", update=update
+                )
+            return {**update, "steps": refinement.steps, "report": None}
+        return step.result
+
+    async def finalize(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
+        best = state.get("best")
+        steps = best["steps"] if best else state.get("steps", [])
+        rewards = best["step_rewards"] if best else []
+        return {
+            "final_steps": steps,
+            "step_rewards": rewards,
+            "answer": extract_answer("\n\n".join(steps)),
+            "stop_reason": state.get("stop_reason") or "max_rounds",
+        }
+
+
+def _step_event(report: StepReport) -> dict[str, Any]:
+    verdict = max(report.verdicts, key=lambda v: report.verdicts[v])
+    doubter = min(report.chains, key=lambda chain: chain.reward)
+    preview = critique_analysis(doubter.text)
+    return {
+        "event": "step",
+        "index": report.index,
+        "reward": report.reward,
+        "verdict": verdict,
+        "flagged": report.flagged,
+        "reused": report.reused,
+        "critique": preview[:CRITIQUE_PREVIEW] + ("..." if len(preview) > CRITIQUE_PREVIEW else ""),
+    }
+
+
+def _better(best: BestSolution | None, report: CritiqueReport) -> BestSolution:
+    """The better of ``best`` and the solution ``report`` judged: all-pass wins, then the longer
+    passing prefix (as a share of the steps), then the mean step reward."""
+    rewards = report.rewards
+    first = report.first_error
+    passed = (first if first is not None else len(rewards)) / len(report.steps)
+    mean = sum(rewards) / len(rewards) if rewards else 0.0
+    score = [float(report.all_pass), passed, mean]
+    if best is not None and best["score"] >= score:
+        return best
+    return {"steps": list(report.steps), "step_rewards": rewards, "all_pass": report.all_pass, "score": score}
+
+
+class _Step:
+    """One node's work: its time limit (the budget's seconds left), its usage, and the
+    conversion of failures into a stop with a named reason (the partial trace is kept)."""
+
+    def __init__(self, state: RefineState, budget: Budget) -> None:
+        self.state = state
+        self.budget = budget
+        self.usage = Usage.model_validate(state.get("usage") or {})
+        self.started = time.perf_counter()
+        self.result: dict[str, Any] = {}
+        self._timeout: contextlib.AbstractAsyncContextManager[Any] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.state.get("seconds", 0.0) + (time.perf_counter() - self.started)
+
+    async def __aenter__(self) -> _Step:
+        left = self.budget.max_seconds - self.state.get("seconds", 0.0)
+        self._timeout = asyncio.timeout(max(0.0, left))
+        await self._timeout.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        assert self._timeout is not None
+        try:
+            await self._timeout.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            self.result = self.stop("max_seconds", "the time budget ran out during a model call")
+            return True
+        if isinstance(exc, CritloopError):
+            self.result = self.stop("error", f"{type(exc).__name__}: {exc}")
+            return True
+        return False
+
+    def charge(self, role: Role, replies: Sequence[Written]) -> None:
+        for reply in replies:
+            self.charge_usage(
+                role,
+                RoleUsage(
+                    calls=1,
+                    prompt_tokens=reply.prompt_tokens,
+                    completion_tokens=reply.completion_tokens,
+                    seconds=reply.seconds,
+                ),
+            )
+
+    def charge_usage(self, role: Role, usage: RoleUsage) -> None:
+        self.usage = self.usage.add(role, usage)
+
+    def update(self, **values: Any) -> dict[str, Any]:
+        return {**values, "usage": self.usage.model_dump(), "seconds": self.seconds}
+
+    def stop(
+        self, reason: StopReason, error: str | None = None, *, update: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {**(update or self.update()), "stop_reason": reason, "error": error}
+
+    def check_budget(self, rounds: int, update: dict[str, Any]) -> dict[str, Any]:
+        if rounds >= self.budget.max_rounds:
+            return self.stop("max_rounds", update=update)
+        if self.usage.completion_tokens >= self.budget.max_tokens:
+            return self.stop("max_tokens", update=update)
+        if self.seconds >= self.budget.max_seconds:
+            return self.stop("max_seconds", update=update)
+        return update
+
+
+def release_runs(context: RefineContext) -> None:
+    """Release the sandbox sessions of a context's critique runs (without waiting)."""
+    for run in list(context.runs.values()):
+        run.release()
+    context.runs.clear()
