@@ -265,7 +265,9 @@ class _Nodes:
                 return step.stop(
                     "no_progress", "the refinement gave back a solution already critiqued", update=update
                 )
-            return {**update, "steps": refinement.steps, "report": None}
+            # The last report stays: a critic node in a new process adopts it, so that the
+            # unchanged prefix is not critiqued again after a resume.
+            return {**update, "steps": refinement.steps}
         return step.result
 
     async def finalize(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
@@ -297,7 +299,7 @@ def _step_event(report: StepReport) -> dict[str, Any]:
 
 def _better(best: BestSolution | None, report: CritiqueReport) -> BestSolution:
     """The better of ``best`` and the solution ``report`` judged: all-pass wins, then the longer
-    passing prefix (as a share of the steps), then the mean step reward."""
+    passing prefix (as a share of the steps), then the mean step reward; a tie keeps the earlier."""
     rewards = report.rewards
     first = report.first_error
     passed = (first if first is not None else len(rewards)) / len(report.steps)
