@@ -25,7 +25,7 @@ from critloop.config import CritloopConfig, load_config
 from critloop.errors import ConfigError
 from critloop.graphs.budget import Budget, StopReason, Usage
 from critloop.graphs.refine import RefineContext, RoundRecord, build_refine_graph, release_runs
-from critloop.sandbox import SandboxPool
+from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.endpoint import EndpointConfig, build_completion_model
 
@@ -118,7 +118,9 @@ class Solver:
         self.critic = critic
         self.budget = budget or Budget()
         self.graph = build_refine_graph(checkpointer=checkpointer)
-        self._owned: list[Any] = []
+        # Set by from_config: the solver then owns its sandbox pool and clients, and reopens
+        # them after aclose() (each solve() runs in a new event loop).
+        self._sandbox_config: SandboxConfig | None = None
 
     @classmethod
     def from_config(
@@ -131,17 +133,16 @@ class Solver:
         """A solver for the models, critic, sandbox and budget of a config (a TOML path, a
         :class:`CritloopConfig`, or None for the embedded defaults). Raises ConfigError."""
         cfg = config if isinstance(config, CritloopConfig) else load_config(config)
-        pool = SandboxPool(cfg.sandbox)
         solver = cls(
             policy=_completion_writer(cfg.policy),
-            critic=GenPRMCritic.from_config(cfg.critic, pool),
+            critic=GenPRMCritic.from_config(cfg.critic, SandboxPool(cfg.sandbox)),
             refiner=_completion_writer(cfg.refiner) if cfg.refiner else None,
             budget=budget or cfg.budget,
             mode=cfg.refine.mode,
             checkpointer=checkpointer,
             max_step_tokens=cfg.refine.max_step_tokens,
         )
-        solver._owned.append(pool)
+        solver._sandbox_config = cfg.sandbox
         return solver
 
     def context(self, budget: Budget | None = None) -> RefineContext:
@@ -220,31 +221,26 @@ class Solver:
         yield {"event": "done", "result": SolveResult.from_state(state)}
 
     async def _start(self) -> None:
-        for owned in self._owned:
-            if isinstance(owned, SandboxPool):
-                await owned.start()
+        if self._sandbox_config is None or self.critic.sandbox is None:
+            return
+        if self.critic.sandbox.closed:
+            self.critic.sandbox = SandboxPool(self._sandbox_config)
+        await self.critic.sandbox.start()
 
     async def aclose(self) -> None:
-        """Close what the solver started itself (the sandbox pool, model clients)."""
-        for owned in self._owned:
-            if isinstance(owned, SandboxPool):
-                await owned.close()
+        """Close what the solver started itself (its sandbox pool and HTTP clients); a later
+        call starts them again."""
+        if self._sandbox_config is None:
+            return
         from critloop.tools.openai_client import OpenAICompletionModel
 
+        if self.critic.sandbox is not None:
+            await self.critic.sandbox.close()
         # HTTP clients hold connections; in-process engines are shared across solvers and stay.
-        for writer in (self.policy.writer, self.refiner.writer):
-            model = getattr(writer, "model", None)
-            if isinstance(model, OpenAICompletionModel) and any(model is m for m in self._owned_models()):
+        writers = (self.policy.writer, self.refiner.writer)
+        for model in [*(getattr(w, "model", None) for w in writers), self.critic.model]:
+            if isinstance(model, OpenAICompletionModel):
                 await model.aclose()
-        if isinstance(self.critic.model, OpenAICompletionModel) and self._owned:
-            await self.critic.model.aclose()
-
-    def _owned_models(self) -> list[Any]:
-        return (
-            [getattr(w, "model", None) for w in (self.policy.writer, self.refiner.writer)]
-            if self._owned
-            else []
-        )
 
     async def __aenter__(self) -> Solver:
         await self._start()

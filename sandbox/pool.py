@@ -94,6 +94,11 @@ class SandboxPool:
             raise SandboxClosedError("the pool is not started")
         return self._backend
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed pool cannot start again)."""
+        return self._closed
+
     async def start(self) -> SandboxPool:
         """Pick the backend and start ``pool_size`` kernels (concurrently). Idempotent."""
         async with self._start_lock:

@@ -313,3 +313,20 @@ async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating
         before = len(critic.calls)
         repeat = await again.asolve(PROBLEM, thread_id="problem-1")
         assert repeat.final_steps == GOOD and len(critic.calls) == before
+
+
+def test_a_solver_from_config_solves_again_after_solve_closed_it(template) -> None:  # type: ignore[no-untyped-def]
+    from critloop import CritloopConfig
+
+    config = CritloopConfig.model_validate({"sandbox": {"backend": "local", "pool_size": 1}})
+    runner = Solver.from_config(config)
+    # The embedded models would be slow here: swap in scripted roles, keep the owned pool.
+    writer = CompletionWriter(policy_script(initial=GOOD), template, SamplingParams())
+    runner.policy.writer = runner.refiner.writer = writer
+    runner.critic.model = critic_by_content(wrong_15)
+    first_pool = runner.critic.sandbox
+    assert runner.solve(PROBLEM).stop_reason == "all_steps_pass"
+    assert first_pool is not None and first_pool.closed
+    assert runner.solve(PROBLEM).stop_reason == "all_steps_pass"
+    assert runner.critic.sandbox is not first_pool and runner.critic.sandbox is not None
+    assert runner.critic.sandbox.closed

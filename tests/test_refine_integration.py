@@ -45,7 +45,7 @@ async def test_the_loop_on_the_embedded_model_with_the_docker_sandbox(embedded: 
     config = load_config(None, {**SMALL, "sandbox.backend": "docker"})
     async with Solver.from_config(config, budget=Budget(max_rounds=1)) as solver:
         events = [event async for event in solver.astream(PROBLEM)]
-        pool = solver._owned[0]
+        pool = solver.critic.sandbox
         assert isinstance(pool, SandboxPool) and pool.status().backend == "docker"
         assert pool.status().sessions == 0
     result = events[-1]["result"]
