@@ -10,68 +10,23 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict
 
 from critloop.agent.critic import GenPRMCritic
 from critloop.agent.policy import Policy, RefineMode, Refiner
 from critloop.agent.writer import ChatModelWriter, CompletionWriter, Writer
 from critloop.config import CritloopConfig, load_config
 from critloop.errors import ConfigError
-from critloop.graphs.budget import Budget, StopReason, Usage
-from critloop.graphs.refine import RefineContext, RoundRecord, build_refine_graph, release_runs
+from critloop.graphs.budget import Budget
+from critloop.graphs.refine import RefineContext, SolveResult, build_refine_graph, stream_refine
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.endpoint import EndpointConfig, build_completion_model
 
 __all__ = ["SolveResult", "Solver", "make_graph"]
-
-
-class SolveResult(BaseModel):
-    """What a refine run gave. JSON-serialisable (``model_dump_json()``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    problem: str
-    answer: str | None
-    """The content of the final solution's last ``\\boxed{}``; None when it has none."""
-    final_steps: list[str]
-    """The best solution seen (all-pass wins, then the longest passing prefix, then the mean
-    reward), not merely the last one."""
-    initial_steps: list[str]
-    """The policy's first solution."""
-    step_rewards: list[float]
-    """Rewards of the final steps, as far as the critic went (first-error scan)."""
-    rounds: list[RoundRecord]
-    """One entry per refinement: the flagged step, the critique used, the rewrite."""
-    stop_reason: StopReason
-    error: str | None = None
-    """What failed, when ``stop_reason`` is ``error`` (the trace up to there is kept)."""
-    last_report: dict[str, Any] | None = None
-    """The critic's last full report (:class:`~critloop.agent.critic.CritiqueReport` as JSON)."""
-    usage: Usage
-    seconds: float
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> SolveResult:
-        return cls(
-            problem=state["problem"],
-            answer=state.get("answer"),
-            final_steps=state.get("final_steps") or state.get("steps") or [],
-            initial_steps=state.get("initial_steps") or [],
-            step_rewards=state.get("step_rewards") or [],
-            rounds=state.get("rounds") or [],
-            stop_reason=state.get("stop_reason") or "error",
-            error=state.get("error"),
-            last_report=state.get("report"),
-            usage=Usage.model_validate(state.get("usage") or {}),
-            seconds=state.get("seconds", 0.0),
-        )
 
 
 class Solver:
@@ -182,43 +137,9 @@ class Solver:
         """The run as events: ``{"event": "step", index, reward, verdict, flagged, critique}`` for
         each critiqued step, ``refining`` / ``refined`` around each refinement, ``solution`` for
         each new solution, and finally ``{"event": "done", "result": SolveResult}``."""
-        if not problem.strip():
-            raise ConfigError("the problem is empty")
         await self._start()
-        config = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}}
-        graph_input: dict[str, Any] | None = {"problem": problem}
-        if thread_id is not None and self.graph.checkpointer is not None:
-            saved = await self.graph.aget_state(config)
-            if saved.values and saved.values.get("problem") not in (None, problem):
-                raise ConfigError(f"thread {thread_id!r} belongs to another problem")
-            if saved.values and not saved.next:  # finished before: its result, no model call
-                yield {"event": "done", "result": SolveResult.from_state(saved.values)}
-                return
-            if saved.next:
-                graph_input = None  # resume from the last finished node
-        context = self.context(budget)
-        state: dict[str, Any] = {}
-        try:
-            async for mode, chunk in self.graph.astream(
-                graph_input, config, context=context, stream_mode=["custom", "values"]
-            ):
-                if mode == "custom":
-                    yield chunk
-                    continue
-                if (
-                    chunk.get("steps")
-                    and chunk.get("steps") != state.get("steps")
-                    and "final_steps" not in chunk
-                ):
-                    yield {
-                        "event": "solution",
-                        "steps": chunk["steps"],
-                        "round": len(chunk.get("rounds") or []),
-                    }
-                state = chunk
-        finally:
-            release_runs(context)
-        yield {"event": "done", "result": SolveResult.from_state(state)}
+        async for event in stream_refine(self.graph, self.context(budget), problem, thread_id=thread_id):
+            yield event
 
     async def _start(self) -> None:
         if self._sandbox_config is None or self.critic.sandbox is None:

@@ -16,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Checkpointer
+from pydantic import BaseModel, ConfigDict
 from typing_extensions import TypedDict
 
 from critloop.agent.critic import CritiqueReport, CritiqueRun, GenPRMCritic, StepReport
 from critloop.agent.policy import Policy, Refiner, critique_analysis
-from critloop.agent.steps import extract_answer
+from critloop.agent.steps import extract_answer, join_steps
 from critloop.agent.writer import Written
-from critloop.errors import CritloopError
+from critloop.errors import ConfigError, CritloopError
 from critloop.graphs.budget import Budget, Role, RoleUsage, StopReason, Usage
 
 __all__ = [
@@ -38,8 +40,10 @@ __all__ = [
     "RefineContext",
     "RefineState",
     "RoundRecord",
+    "SolveResult",
     "build_refine_graph",
     "release_runs",
+    "stream_refine",
 ]
 
 CRITIQUE_PREVIEW = 280
@@ -113,6 +117,48 @@ class RefineState(TypedDict, total=False):
     final_steps: list[str]
     step_rewards: list[float]
     answer: str | None
+
+
+class SolveResult(BaseModel):
+    """What a refine run gave. JSON-serialisable (``model_dump_json()``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    problem: str
+    answer: str | None
+    """The content of the final solution's last ``\\boxed{}``; None when it has none."""
+    final_steps: list[str]
+    """The best solution seen (all-pass wins, then the longest passing prefix, then the mean
+    reward), not merely the last one."""
+    initial_steps: list[str]
+    """The policy's first solution."""
+    step_rewards: list[float]
+    """Rewards of the final steps, as far as the critic went (first-error scan)."""
+    rounds: list[RoundRecord]
+    """One entry per refinement: the flagged step, the critique used, the rewrite."""
+    stop_reason: StopReason
+    error: str | None = None
+    """What failed, when ``stop_reason`` is ``error`` (the trace up to there is kept)."""
+    last_report: dict[str, Any] | None = None
+    """The critic's last full report (:class:`~critloop.agent.critic.CritiqueReport` as JSON)."""
+    usage: Usage
+    seconds: float
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SolveResult:
+        return cls(
+            problem=state["problem"],
+            answer=state.get("answer"),
+            final_steps=state.get("final_steps") or state.get("steps") or [],
+            initial_steps=state.get("initial_steps") or [],
+            step_rewards=state.get("step_rewards") or [],
+            rounds=state.get("rounds") or [],
+            stop_reason=state.get("stop_reason") or "error",
+            error=state.get("error"),
+            last_report=state.get("report"),
+            usage=Usage.model_validate(state.get("usage") or {}),
+            seconds=state.get("seconds", 0.0),
+        )
 
 
 ContextFactory = Callable[[], Awaitable[RefineContext]]
@@ -277,7 +323,7 @@ class _Nodes:
         return {
             "final_steps": steps,
             "step_rewards": rewards,
-            "answer": extract_answer("\n\n".join(steps)),
+            "answer": extract_answer(join_steps(steps)),
             "stop_reason": state.get("stop_reason") or "max_rounds",
         }
 
@@ -375,6 +421,42 @@ class _Step:
         if self.seconds >= self.budget.max_seconds:
             return self.stop("max_seconds", update=update)
         return update
+
+
+async def stream_refine(
+    graph: Any, context: RefineContext, problem: str, *, thread_id: str | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Run ``graph`` on ``problem`` and yield its events (see :meth:`critloop.Solver.astream`),
+    ending with ``{"event": "done", "result": SolveResult}``. With a checkpointer and a
+    ``thread_id`` already used, an unfinished run resumes from its last finished node, and a
+    finished one yields its result without any model call."""
+    if not problem.strip():
+        raise ConfigError("the problem is empty")
+    config = {"configurable": {"thread_id": thread_id or uuid.uuid4().hex}}
+    graph_input: dict[str, Any] | None = {"problem": problem}
+    if thread_id is not None and graph.checkpointer is not None:
+        saved = await graph.aget_state(config)
+        if saved.values and saved.values.get("problem") not in (None, problem):
+            raise ConfigError(f"thread {thread_id!r} belongs to another problem")
+        if saved.values and not saved.next:  # finished before: its result, no model call
+            yield {"event": "done", "result": SolveResult.from_state(saved.values)}
+            return
+        if saved.next:
+            graph_input = None  # resume from the last finished node
+    state: dict[str, Any] = {}
+    try:
+        async for mode, chunk in graph.astream(
+            graph_input, config, context=context, stream_mode=["custom", "values"]
+        ):
+            if mode == "custom":
+                yield chunk
+                continue
+            if chunk.get("steps") and chunk.get("steps") != state.get("steps") and "final_steps" not in chunk:
+                yield {"event": "solution", "steps": chunk["steps"], "round": len(chunk.get("rounds") or [])}
+            state = chunk
+    finally:
+        release_runs(context)
+    yield {"event": "done", "result": SolveResult.from_state(state)}
 
 
 def release_runs(context: RefineContext) -> None:
