@@ -1,0 +1,344 @@
+"""Batch refinement: datasets in, one crash-safe JSONL record per problem out, resumable.
+
+Example:
+    >>> problems, bad = load_problems("gsm8k_test.jsonl", limit=20)  # doctest: +SKIP
+    >>> records = await run_batch(graph, context, problems, "results.jsonl", concurrency=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from critloop.agent.steps import extract_answer, join_steps
+from critloop.errors import ConfigError
+from critloop.graphs.refine import RefineContext, SolveResult, stream_refine
+from critloop.tools.grading import agrade, gold_from_gsm8k
+
+__all__ = [
+    "FieldMap",
+    "Problem",
+    "ResultsFile",
+    "error_record",
+    "load_problems",
+    "run_batch",
+]
+
+PROBLEM_FIELDS = ("problem", "question")
+ANSWER_FIELDS = ("extracted_groundtruth", "answer")
+ID_FIELDS = ("id", "unique_id")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldMap:
+    """Which record fields hold the problem, the gold answer and the id (None: detected)."""
+
+    problem: str | None = None
+    """Default: ``problem``, else ``question``."""
+    answer: str | None = None
+    """Default: ``extracted_groundtruth`` (AIME, AMC), else ``answer`` (MATH-500; for GSM8K the
+    number after ``####``)."""
+    id: str | None = None
+    """Default: ``id``, else ``unique_id``, else ``<file stem>:<line>``."""
+
+
+class Problem(BaseModel):
+    """One problem of a dataset."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    problem: str
+    gold: str | None
+    line: int
+    """1-based line (JSONL, CSV data rows) or position (JSON array) in the file."""
+
+
+def load_problems(
+    source: str | Path,
+    *,
+    fields: FieldMap = FieldMap(),
+    limit: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> tuple[list[Problem], list[dict[str, Any]]]:
+    """The problems of a JSONL, JSON or CSV file, and error records for the bad ones.
+
+    A malformed line, a missing or empty problem, or a duplicate id never stops the load: it
+    becomes an error record (``id``, ``error`` naming the line) and the rest goes on.
+    ``shuffle`` (with ``seed``) and ``limit`` pick the records before they are checked.
+
+    Raises:
+        ConfigError: the file cannot be read, or its format is unknown.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(
+            f"{source}: no such file (datasets are JSONL, JSON or CSV files; for a hub dataset, "
+            "download it first, e.g. with `huggingface-cli download --repo-type dataset`)"
+        )
+    rows = list(_rows(path))
+    if shuffle:
+        random.Random(seed).shuffle(rows)
+    if limit is not None:
+        rows = rows[:limit]
+    problems: list[Problem] = []
+    bad: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for line, row in rows:
+        where = f"{path.name} line {line}"
+        if isinstance(row, str):
+            bad.append(error_record(f"{path.stem}:{line}", f"{where}: {row}"))
+            continue
+        key = _pick(row, fields.id, ID_FIELDS)
+        pid = str(row[key]) if key else f"{path.stem}:{line}"
+        problem_key = _pick(row, fields.problem, PROBLEM_FIELDS)
+        if problem_key is None:
+            wanted = fields.problem or " or ".join(PROBLEM_FIELDS)
+            bad.append(error_record(pid, f"{where}: no {wanted!r} field"))
+            continue
+        text = row[problem_key]
+        if not isinstance(text, str) or not text.strip():
+            bad.append(error_record(pid, f"{where}: the problem is empty"))
+            continue
+        if pid in seen:
+            bad.append(error_record(f"{pid}@line{line}", f"{where}: duplicate id {pid!r}"))
+            continue
+        seen.add(pid)
+        problems.append(Problem(id=pid, problem=text.strip(), gold=_gold(row, fields.answer), line=line))
+    return problems, bad
+
+
+def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any] | str]]:
+    """(line, record) pairs; a record that cannot be read is a string saying why."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, raw in enumerate(text.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as exc:
+                yield number, f"not valid JSON ({exc})"
+                continue
+            yield number, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a JSON array of records (or {{'data': [...]}})")
+        for number, row in enumerate(data, 1):
+            yield number, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+    elif suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for number, row in enumerate(reader, 2):  # line 1 is the header
+            yield number, dict(row)
+    else:
+        raise ConfigError(f"{path}: unknown format {suffix or '(none)'!r}; use .jsonl, .json or .csv")
+
+
+def _pick(row: dict[str, Any], wanted: str | None, defaults: Sequence[str]) -> str | None:
+    if wanted is not None:
+        return wanted if wanted in row else None
+    return next((key for key in defaults if key in row and row[key] not in (None, "")), None)
+
+
+def _gold(row: dict[str, Any], wanted: str | None) -> str | None:
+    key = _pick(row, wanted, ANSWER_FIELDS)
+    if key is None:
+        return None
+    value = row[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # AMC's 27.0
+    text = str(value).strip()
+    return gold_from_gsm8k(text) if "####" in text else text
+
+
+# --------------------------------------------------------------------------- results file
+
+
+class ResultsFile:
+    """An append-only JSONL file of records, one per problem, crash-safe.
+
+    Each record is written with one ``write`` of the whole line, flushed and fsynced before the
+    next. A line torn by a crash (no final newline) is cut off when the file is opened again,
+    so the finished records before it are untouched and the torn problem simply runs again.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = asyncio.Lock()
+
+    def records(self) -> list[dict[str, Any]]:
+        """The complete records in the file (a torn last line is not one)."""
+        if not self.path.exists():
+            return []
+        records = []
+        with self.path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    records.append(json.loads(raw))
+                except ValueError:
+                    continue  # cannot happen with this writer; never lose the rest for it
+        return records
+
+    def repair(self) -> None:
+        """Cut a torn last line (a crash in the middle of a write)."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
+    async def append(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        async with self._lock:
+            await asyncio.to_thread(self._write, line)
+
+    def _write(self, line: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def error_record(
+    pid: str, error: str, *, problem: str | None = None, gold: str | None = None
+) -> dict[str, Any]:
+    """The record of a problem that could not be solved (a bad input record, a failed run)."""
+    return {
+        "id": pid,
+        "problem": problem,
+        "gold": gold,
+        "answer": None,
+        "initial_answer": None,
+        "correct_initial": False,
+        "correct_final": False,
+        "correct_by_round": [],
+        "stop_reason": "error",
+        "rounds": [],
+        "error": error,
+    }
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+async def run_batch(
+    graph: Any,
+    context: RefineContext,
+    problems: Sequence[Problem],
+    out: str | Path,
+    *,
+    concurrency: int = 8,
+    resume: bool = False,
+    bad: Sequence[dict[str, Any]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every problem through the refine ``graph`` and append one record each to ``out``.
+
+    Args:
+        graph: the compiled refine graph; with a checkpointer, interrupted problems resume from
+            their last finished node (the thread id is the problem id).
+        context: the roles and budget, shared by all problems (one sandbox pool, one client set).
+        problems: what to solve.
+        out: the results file (JSONL).
+        concurrency: problems in flight at once.
+        resume: skip the ids already in ``out``; without it, a non-empty ``out`` is an error.
+        bad: error records of bad input records, written first (once).
+        on_record: called with each record as it is written (progress display).
+
+    Returns:
+        The records written by this call.
+    """
+    if concurrency < 1:
+        raise ConfigError("concurrency must be at least 1")
+    results = ResultsFile(out)
+    if results.path.exists() and results.path.stat().st_size and not resume:
+        raise ConfigError(
+            f"{out} already holds results: pass --resume to continue it, or choose another file"
+        )
+    results.repair()
+    done = {record.get("id") for record in results.records()}
+    written: list[dict[str, Any]] = []
+
+    async def emit(record: dict[str, Any]) -> None:
+        await results.append(record)
+        written.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    for record in bad:
+        if record["id"] not in done:
+            done.add(record["id"])
+            await emit(record)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(problem: Problem) -> None:
+        async with gate:
+            await emit(await solve_record(graph, context, problem))
+
+    await asyncio.gather(*(one(p) for p in problems if p.id not in done))
+    return written
+
+
+async def solve_record(graph: Any, context: RefineContext, problem: Problem) -> dict[str, Any]:
+    """One problem's record: the run's result, graded, with the steps the critic judged."""
+    own = dataclasses.replace(context, runs={})  # per-problem critique runs; shared roles
+    critiqued: list[list[Any]] = []
+    result: SolveResult | None = None
+    try:
+        async for event in stream_refine(graph, own, problem.problem, thread_id=problem.id):
+            if event["event"] == "step" and not event.get("reused"):
+                critiqued.append([event["reward"], event["flagged"]])
+            elif event["event"] == "done":
+                result = event["result"]
+    except Exception as exc:  # noqa: BLE001 - one problem's failure is its record, the batch goes on
+        return error_record(
+            problem.id, f"{type(exc).__name__}: {exc}", problem=problem.problem, gold=problem.gold
+        )
+    assert result is not None
+    initial_answer = extract_answer(join_steps(result.initial_steps))
+    by_round = [initial_answer, *(extract_answer(join_steps(r["steps"])) for r in result.rounds)]
+    correct_by_round = [await agrade(answer, problem.gold) for answer in by_round]
+    record = result.model_dump(mode="json", exclude={"last_report"})
+    record.update(
+        {
+            "id": problem.id,
+            "gold": problem.gold,
+            "initial_answer": initial_answer,
+            "correct_initial": correct_by_round[0],
+            "correct_final": await agrade(result.answer, problem.gold),
+            "correct_by_round": correct_by_round,
+            "critiqued": critiqued,
+        }
+    )
+    return record
