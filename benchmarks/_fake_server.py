@@ -17,6 +17,8 @@ writes code once and then says Yes would answer:
 * ``[Code Output] ... ```\\n``      -> a comment, ``</verify>``, then
   ``<output>\\n**Judgement**: $\\boxed{Yes}$\\n</output>\\n``;
 * ``...\\boxed`` (forced judgement) -> ``{Yes}$\\n</output>\\n``;
+* a policy's prompt (it asks to reason step by step) -> a three-step solution ending in
+  ``\\boxed{14}``, finished by end of sequence;
 * anything else                      -> a short generic answer (``finish_reason`` ``length``).
 
 Answers are vLLM-shaped: ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``,
@@ -59,6 +61,9 @@ JUDGEMENT = (
 )
 FORCED = "{Yes}$\n</output>\n"
 GENERIC = " The answer is 4"
+SOLUTION = "Multiply first: 3 * 4 = 12.\n\nThen add: 2 + 12 = 14.\n\nThe answer is $\\boxed{14}$."
+EOS = ""
+"""The "stop string" of a reply that ends with the end-of-sequence token (no stop string)."""
 
 # kind -> (text including its stop string, the stop string or None for a length finish)
 REPLIES: dict[str, tuple[str, str | None]] = {
@@ -66,6 +71,7 @@ REPLIES: dict[str, tuple[str, str | None]] = {
     "verify": (CODE, "\n```\n"),
     "judgement": (JUDGEMENT, "</output>\n"),
     "forced": (FORCED, "</output>\n"),
+    "solve": (SOLUTION, EOS),
     "generic": (GENERIC, None),
 }
 
@@ -92,12 +98,14 @@ def classify(prompt: str) -> str:
         return "judgement"
     if prompt.endswith("\\boxed"):
         return "forced"
+    if "Please reason step by step" in prompt[-1024:]:
+        return "solve"
     return "generic"
 
 
 def choice_json(text: str, stop: str | None, *, include_stop: bool) -> tuple[bytes, int]:
     """The JSON of one choice and its token count."""
-    if stop is not None and not include_stop:
+    if stop and not include_stop:
         text = text[: -len(stop)]
     tokens = tokens_of(text)
     logprobs, tops, offsets, offset = [], [], [], 0
@@ -121,7 +129,7 @@ def choice_json(text: str, stop: str | None, *, include_stop: bool) -> tuple[byt
             "text_offset": offsets,
         },
         "finish_reason": "stop" if stop is not None else "length",
-        "stop_reason": stop,
+        "stop_reason": stop or None,
     }
     return json.dumps(choice).encode(), len(tokens)
 
