@@ -44,7 +44,6 @@ from critloop.config import load_config
 from critloop.graphs.batch import Problem, ResultsFile, load_problems, run_batch
 from critloop.graphs.refine import build_refine_graph
 
-TARGETS = {"speedup": 40.0, "peak_rss_mib": 1024.0}
 STEPS = 3
 CALLS_PER_PROBLEM = 1 + STEPS * 3
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
