@@ -44,6 +44,8 @@ from critloop.config import load_config
 from critloop.graphs.batch import Problem, ResultsFile, load_problems, run_batch
 from critloop.graphs.refine import build_refine_graph
 
+TARGET_SPEEDUP = 40.0
+TARGET_PEAK_MIB = 1024.0
 STEPS = 3
 CALLS_PER_PROBLEM = 1 + STEPS * 3
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
@@ -139,9 +141,9 @@ async def main_async(args: argparse.Namespace, console: Console) -> dict[str, An
                 {
                     "target": "speedup >= 40x",
                     "value": round(speedup, 1),
-                    "met": speedup >= TARGETS["speedup"],
+                    "met": speedup >= TARGET_SPEEDUP,
                 },
-                {"target": "peak RSS < 1 GiB", "value": round(peak), "met": peak < TARGETS["peak_rss_mib"]},
+                {"target": "peak RSS < 1 GiB", "value": round(peak), "met": peak < TARGET_PEAK_MIB},
             ],
         }
     )
