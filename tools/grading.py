@@ -40,8 +40,8 @@ def grade(predicted: str | None, gold: str | None) -> bool:
     from math_verify import parse, verify
 
     try:
-        gold_parsed = parse(f"${gold}$", parsing_timeout=None)  # type: ignore[arg-type]
-        predicted_parsed = parse(f"${predicted}$", parsing_timeout=None)  # type: ignore[arg-type]
+        gold_parsed = parse(f"${gold}$", parsing_timeout=None)
+        predicted_parsed = parse(f"${predicted}$", parsing_timeout=None)
         if not gold_parsed or not predicted_parsed:
             return predicted.strip() == gold.strip()
         return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
