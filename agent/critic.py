@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,6 +38,7 @@ from critloop.agent.critic_protocol import (
 from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
 from critloop.errors import ConfigError
 from critloop.sandbox import SandboxPool, Session
+from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionModel, CompletionResult, SamplingParams
 from critloop.tools.endpoint import EndpointConfig
@@ -532,7 +533,7 @@ class CritiqueRun:
         for index in range(start, len(steps)):
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
-            critiques = await _all_or_nothing(
+            critiques = await all_or_nothing(
                 [critic._critique_step(self.problem, steps, chain) for chain in self._chains]
             )
             for chain, critique in zip(self._chains, critiques, strict=True):
@@ -582,17 +583,6 @@ class CritiqueRun:
     async def _snapshot(self, chain: _Chain) -> None:
         if self.keep_snapshots and chain.has_sandbox:
             chain.snapshots.append(await (await chain.ready()).fork())
-
-
-async def _all_or_nothing(coroutines: list[Coroutine[Any, Any, _T]]) -> list[_T]:
-    """Run concurrently; if one fails, cancel the others and raise that failure itself (a
-    typed critloop error, not an exception group)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coroutines]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    return [t.result() for t in tasks]
 
 
 def _word_ids(tokenizer: object, word: str) -> set[int]:

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ __all__ = [
     "error_record",
     "load_problems",
     "run_batch",
+    "run_records",
+    "solve_record",
 ]
 
 PROBLEM_FIELDS = ("problem", "question")
@@ -279,12 +281,36 @@ async def run_batch(
     Returns:
         The records written by this call.
     """
+    return await run_records(
+        problems,
+        lambda problem: solve_record(graph, context, problem),
+        out,
+        concurrency=concurrency,
+        resume=resume,
+        bad=bad,
+        on_record=on_record,
+    )
+
+
+async def run_records(
+    problems: Sequence[Problem],
+    make_record: Callable[[Problem], Awaitable[dict[str, Any]]],
+    out: str | Path,
+    *,
+    concurrency: int = 8,
+    resume: bool = False,
+    bad: Sequence[dict[str, Any]] = (),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The runner under every batch method: ``make_record`` for each problem not yet in
+    ``out``, ``concurrency`` at a time, each record appended as soon as it is made (see
+    :func:`run_batch` for the arguments)."""
     if concurrency < 1:
         raise ConfigError("concurrency must be at least 1")
     results = ResultsFile(out)
     if results.path.exists() and results.path.stat().st_size and not resume:
         raise ConfigError(
-            f"{out} already holds results: pass --resume to continue it, or choose another file"
+            f"{out} already holds results: pass --resume to continue it, or choose another --out"
         )
     results.repair()
     done = {record.get("id") for record in results.records()}
@@ -304,7 +330,7 @@ async def run_batch(
 
     async def one(problem: Problem) -> None:
         async with gate:
-            await emit(await solve_record(graph, context, problem))
+            await emit(await make_record(problem))
 
     await asyncio.gather(*(one(p) for p in problems if p.id not in done))
     return written

@@ -15,11 +15,10 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -27,8 +26,9 @@ from critloop.agent.critic import CritiqueReport, GenPRMCritic
 from critloop.agent.policy import Draft, Policy
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
-from critloop.graphs.batch import Problem, ResultsFile, error_record
+from critloop.graphs.batch import Problem, error_record, run_records
 from critloop.graphs.budget import RoleUsage, StopReason, Usage
+from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.grading import agrade
 
 __all__ = [
@@ -90,16 +90,6 @@ def _pick(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-async def _all_or_nothing(coroutines: Sequence[Coroutine[Any, Any, _T]]) -> list[_T]:
-    """Run concurrently; if one fails, cancel the others and raise that failure itself."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coroutines]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    return [t.result() for t in tasks]
-
-
 async def best_of_n_record(
     policy: Policy,
     critic: GenPRMCritic,
@@ -129,8 +119,8 @@ async def best_of_n_record(
     aggregate([], aggregation)  # checks the name before any model call
     started = time.perf_counter()
     try:
-        drafts = await _all_or_nothing([policy.solve(problem.problem) for _ in range(n)])
-        reports = await _all_or_nothing(
+        drafts = await all_or_nothing([policy.solve(problem.problem) for _ in range(n)])
+        reports = await all_or_nothing(
             [_critique(critic, problem.problem, draft, samples) for draft in drafts]
         )
         graded: dict[str | None, bool] = {}
@@ -259,32 +249,14 @@ async def run_best_of_n(
     if n < 1:
         raise ConfigError("n must be at least 1")
     aggregate([], aggregation)
-    results = ResultsFile(out)
-    if results.path.exists() and results.path.stat().st_size and not resume:
-        raise ConfigError(
-            f"{out} already holds results: pass --resume to continue it, or choose another file"
-        )
-    results.repair()
-    done = {record.get("id") for record in results.records()}
-    written: list[dict[str, Any]] = []
-
-    async def emit(record: dict[str, Any]) -> None:
-        await results.append(record)
-        written.append(record)
-        if on_record is not None:
-            on_record(record)
-
-    for record in bad:
-        if record["id"] not in done:
-            done.add(record["id"])
-            await emit(record)
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(problem: Problem) -> None:
-        async with gate:
-            await emit(
-                await best_of_n_record(policy, critic, problem, n=n, aggregation=aggregation, samples=samples)
-            )
-
-    await asyncio.gather(*(one(p) for p in problems if p.id not in done))
-    return written
+    return await run_records(
+        problems,
+        lambda problem: best_of_n_record(
+            policy, critic, problem, n=n, aggregation=aggregation, samples=samples
+        ),
+        out,
+        concurrency=concurrency,
+        resume=resume,
+        bad=bad,
+        on_record=on_record,
+    )
