@@ -40,7 +40,7 @@ from critloop.errors import ConfigError
 from critloop.sandbox import SandboxPool, Session
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.completion import CompletionModel, CompletionResult, SamplingParams
+from critloop.tools.completion import CompletionModel, CompletionResult, ModelUsage, SamplingParams
 from critloop.tools.endpoint import EndpointConfig
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "CriticConfig",
     "CritiqueReport",
     "CritiqueRun",
-    "CritiqueUsage",
     "GenPRMCritic",
     "ScanMode",
     "StepReport",
@@ -112,25 +111,6 @@ class CodeRun(BaseModel):
     """The sandbox status (``ok``, ``error``, ``timeout``, ``killed``) or ``missing``."""
 
 
-class CritiqueUsage(BaseModel):
-    """Model calls and tokens, and wall time."""
-
-    model_config = ConfigDict(frozen=True)
-
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-
-    def __add__(self, other: CritiqueUsage) -> CritiqueUsage:
-        return CritiqueUsage(
-            calls=self.calls + other.calls,
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            seconds=self.seconds + other.seconds,
-        )
-
-
 class ChainCritique(BaseModel):
     """One chain's critique of one step."""
 
@@ -143,7 +123,7 @@ class ChainCritique(BaseModel):
     forced: bool
     """The limits were hit and the judgement was forced from the analysis alone."""
     code_runs: tuple[CodeRun, ...] = ()
-    usage: CritiqueUsage = CritiqueUsage()
+    usage: ModelUsage = ModelUsage()
 
 
 class StepReport(BaseModel):
@@ -175,7 +155,7 @@ class CritiqueReport(BaseModel):
     threshold: float
     step_reports: tuple[StepReport, ...]
     """Reports of the steps critiqued (with ``first_error``: up to the first flagged one)."""
-    usage: CritiqueUsage
+    usage: ModelUsage
     """Model usage of this call (reused steps cost nothing)."""
 
     @property
@@ -417,7 +397,7 @@ class GenPRMCritic:
             reward_source=source,
             forced=forced,
             code_runs=tuple(code_runs),
-            usage=CritiqueUsage(**usage, seconds=time.perf_counter() - started),
+            usage=ModelUsage(**usage, seconds=time.perf_counter() - started),
         )
 
     async def _run_code(self, critique: str, session: Session) -> CodeRun:
@@ -529,7 +509,7 @@ class CritiqueRun:
         start = len(reusable)
         await asyncio.gather(*(self._prepare(chain, start) for chain in self._chains))
         started = time.perf_counter()
-        usage = CritiqueUsage()
+        usage = ModelUsage()
         for index in range(start, len(steps)):
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from critloop.errors import ModelResponseError
 from critloop.tools.chat_template import ChatMessage, ChatTemplate
-from critloop.tools.completion import CompletionModel, SamplingParams
+from critloop.tools.completion import CompletionModel, ModelUsage, SamplingParams
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -42,6 +42,16 @@ class Written:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+
+    @property
+    def usage(self) -> ModelUsage:
+        """This reply as one model call's usage."""
+        return ModelUsage(
+            calls=1,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            seconds=self.seconds,
+        )
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ from critloop.agent.policy import Draft, Policy
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
 from critloop.graphs.batch import Problem, error_record, run_records
-from critloop.graphs.budget import RoleUsage, StopReason, Usage
+from critloop.graphs.budget import StopReason, Usage
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.grading import agrade
 
@@ -147,27 +147,10 @@ async def best_of_n_record(
     usage = Usage()
     for draft in drafts:
         for reply in draft.replies:
-            usage = usage.add(
-                "policy",
-                RoleUsage(
-                    calls=1,
-                    prompt_tokens=reply.prompt_tokens,
-                    completion_tokens=reply.completion_tokens,
-                    seconds=reply.seconds,
-                ),
-            )
+            usage = usage.add("policy", reply.usage)
     for report in reports:
         if report is not None:
-            u = report.usage
-            usage = usage.add(
-                "critic",
-                RoleUsage(
-                    calls=u.calls,
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    seconds=u.seconds,
-                ),
-            )
+            usage = usage.add("critic", report.usage)
     pick = reports[picked]
     stop_reason: StopReason = "all_steps_pass" if pick is not None and pick.all_pass else "no_progress"
     return {

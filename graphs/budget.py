@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Budget", "Role", "RoleUsage", "StopReason", "Usage"]
+from critloop.tools.completion import ModelUsage
+
+__all__ = ["Budget", "Role", "StopReason", "Usage"]
 
 StopReason = Literal["all_steps_pass", "max_rounds", "max_tokens", "max_seconds", "no_progress", "error"]
 """Why a refine run stopped: every step passed the critic; the rounds, generated tokens or
@@ -36,35 +38,16 @@ class Budget(BaseModel):
     """Maj@N critique chains per solution; None: the critic's own ``samples``."""
 
 
-class RoleUsage(BaseModel):
-    """What one role used."""
-
-    model_config = ConfigDict(frozen=True)
-
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-
-    def __add__(self, other: RoleUsage) -> RoleUsage:
-        return RoleUsage(
-            calls=self.calls + other.calls,
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            seconds=self.seconds + other.seconds,
-        )
-
-
 class Usage(BaseModel):
     """Usage per role of a refine run."""
 
     model_config = ConfigDict(frozen=True)
 
-    policy: RoleUsage = RoleUsage()
-    critic: RoleUsage = RoleUsage()
-    refiner: RoleUsage = RoleUsage()
+    policy: ModelUsage = ModelUsage()
+    critic: ModelUsage = ModelUsage()
+    refiner: ModelUsage = ModelUsage()
 
-    def add(self, role: Role, usage: RoleUsage) -> Usage:
+    def add(self, role: Role, usage: ModelUsage) -> Usage:
         return self.model_copy(update={role: getattr(self, role) + usage})
 
     @property

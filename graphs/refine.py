@@ -32,7 +32,8 @@ from critloop.agent.policy import Policy, Refiner, critique_analysis
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.agent.writer import Written
 from critloop.errors import ConfigError, CritloopError
-from critloop.graphs.budget import Budget, Role, RoleUsage, StopReason, Usage
+from critloop.graphs.budget import Budget, Role, StopReason, Usage
+from critloop.tools.completion import ModelUsage
 
 __all__ = [
     "BestSolution",
@@ -257,16 +258,7 @@ class _Nodes:
                 writer(_step_event(report))
 
             report = await run.critique(state["steps"], samples=ctx.budget.samples, on_step=on_step)
-            u = report.usage
-            step.charge_usage(
-                "critic",
-                RoleUsage(
-                    calls=u.calls,
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    seconds=u.seconds,
-                ),
-            )
+            step.charge_usage("critic", report.usage)
             best = _better(state.get("best"), report)
             update = step.update(
                 report=report.model_dump(mode="json"),
@@ -392,17 +384,9 @@ class _Step:
 
     def charge(self, role: Role, replies: Sequence[Written]) -> None:
         for reply in replies:
-            self.charge_usage(
-                role,
-                RoleUsage(
-                    calls=1,
-                    prompt_tokens=reply.prompt_tokens,
-                    completion_tokens=reply.completion_tokens,
-                    seconds=reply.seconds,
-                ),
-            )
+            self.charge_usage(role, reply.usage)
 
-    def charge_usage(self, role: Role, usage: RoleUsage) -> None:
+    def charge_usage(self, role: Role, usage: ModelUsage) -> None:
         self.usage = self.usage.add(role, usage)
 
     def update(self, **values: Any) -> dict[str, Any]:

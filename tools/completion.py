@@ -11,6 +11,7 @@ __all__ = [
     "CompletionModel",
     "CompletionResult",
     "FinishReason",
+    "ModelUsage",
     "SamplingParams",
     "TokenLogprob",
     "TopLogprob",
@@ -122,3 +123,22 @@ class CompletionModel(Protocol):
     async def aclose(self) -> None:
         """Release connections or memory."""
         ...
+
+
+class ModelUsage(BaseModel):
+    """What model calls used: how many, their prompt and completion tokens, and wall time."""
+
+    model_config = ConfigDict(frozen=True)
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: ModelUsage) -> ModelUsage:
+        return ModelUsage(
+            calls=self.calls + other.calls,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            seconds=self.seconds + other.seconds,
+        )
