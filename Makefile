@@ -40,8 +40,10 @@ lint: $(STAMP)
 test: lint sandbox-image models
 	$(BIN)/pytest
 
-demo: sandbox-image
-	$(BIN)/python examples/sandbox_demo.py
+# From a fresh machine to a finished refine loop on the embedded model: the environment, the
+# model, the sandbox image where a Docker engine answers (else the local backend runs the code).
+demo: $(STAMP) models sandbox-image
+	$(BIN)/critloop solve --file examples/problems/arithmetic.txt --max-rounds 1
 
 bench: sandbox-image models
 	$(BIN)/python benchmarks/bench_sandbox.py

@@ -7,13 +7,20 @@ import gc
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.padding import Padding
+from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 
 from critloop.errors import CritloopError
+
+if TYPE_CHECKING:
+    from critloop.config import CritloopConfig
+    from critloop.solver import Solver, SolveResult
 
 app = typer.Typer(
     name="critloop", help="Self-correcting LLM math reasoning.", no_args_is_help=True, add_completion=False
@@ -32,7 +39,8 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    # Plain text (a message may hold brackets), never wrapped (paths and URLs stay whole).
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -299,6 +307,356 @@ def models_complete(
             f"[dim]finish: {result.choices[0].finish_reason}; tokens: {result.prompt_tokens} prompt, "
             f"{result.completion_tokens} completion[/]"
         )
+
+
+_VERDICT_STYLES = {"yes": "green", "no": "red", "none": "yellow"}
+_STOP_REASONS = {
+    "all_steps_pass": "every step passed the critic",
+    "max_rounds": "the budget's refinement rounds were spent",
+    "max_tokens": "the budget's generated tokens were spent",
+    "max_seconds": "the budget's time ran out",
+    "no_progress": "a refinement gave back nothing new",
+    "error": "an infrastructure failure stopped the run",
+}
+_BAR_WIDTH = 20
+_STEP_PREVIEW = 240
+
+
+def _reward_bar(reward: float, verdict: str) -> Text:
+    """A bar of ``_BAR_WIDTH`` cells for a reward in [0, 1], coloured by the majority verdict."""
+    filled = max(0, min(_BAR_WIDTH, round(reward * _BAR_WIDTH)))
+    style = _VERDICT_STYLES.get(verdict, "yellow")
+    return Text.assemble(("█" * filled, style), ("░" * (_BAR_WIDTH - filled), "dim"))
+
+
+def _labelled(label: str, body: Text, style: str, *, indent: int = 2) -> Table:
+    """``label  body``, the body wrapping under itself."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(width=indent - 1 if indent > 1 else None)
+    grid.add_column(style=style, no_wrap=True)
+    grid.add_column()
+    grid.add_row("", label, body)
+    return grid
+
+
+def _preview(text: str, limit: int = _STEP_PREVIEW) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class _SolveView:
+    """What `critloop solve` shows while the loop runs: each critiqued step with its reward,
+    the flagged step and its rewrite per round, then the answer, the stop reason and the usage.
+
+    ``out`` is None under ``--json``: only the status line (on stderr) moves then.
+    """
+
+    def __init__(self, out: Console | None, status: Status, *, max_rounds: int) -> None:
+        self.out = out
+        self.status = status
+        self.max_rounds = max_rounds
+        self.steps: list[str] = []
+        """The solution being critiqued."""
+        self.shown: set[int] = set()
+        """Its steps shown with a reward."""
+        self.flagged = False
+        self.judged: dict[tuple[str, ...], tuple[float, str, bool]] = {}
+        """(reward, verdict, flagged) of each step seen, by the steps up to it: the critic
+        reuses the critiques of an unchanged prefix without an event."""
+        self.last_solution: list[str] = []
+
+    def header(self, problem: str, cfg: CritloopConfig, sandbox: str) -> None:
+        if self.out is None:
+            return
+        critic = cfg.critic
+        samples = cfg.budget.samples or critic.samples
+        self.out.rule("[bold]critloop solve[/]")
+        self.out.print(Text.assemble(("problem  ", "bold"), problem.strip()))
+        self.out.print(
+            Text(
+                f"policy   {cfg.policy.kind} {cfg.policy.model}\n"
+                f"critic   {critic.kind} {critic.model} ({critic.profile}, {samples} "
+                f"sample{'s' if samples != 1 else ''}, threshold {critic.threshold})\n"
+                f"sandbox  {sandbox}\n"
+                f"budget   {cfg.budget.max_rounds} rounds, {cfg.budget.max_tokens} tokens, "
+                f"{cfg.budget.max_seconds:g} s; refine mode {cfg.refine.mode}",
+                "dim",
+            )
+        )
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "solution":
+            self._end_of_critique()
+            self.steps, self.shown, self.flagged = list(event["steps"]), set(), False
+            self.last_solution = self.steps
+            n = len(self.steps)
+            what = (
+                "initial solution"
+                if event["round"] == 0
+                else f"revised solution (round {event['round']}/{self.max_rounds})"
+            )
+            self._rule(f"{what} · {n} step{'s' if n != 1 else ''}")
+            self.status.update(f"critic: step 1 of {n}")
+        elif kind == "step":
+            index = event["index"]
+            for earlier in range(index):
+                if earlier not in self.shown:
+                    self._reused(earlier)
+            self._show(index, event["reward"], event["verdict"], event["flagged"], event.get("critique"))
+            if event["flagged"]:
+                self.status.update(f"refiner: about to rewrite step {index + 1}")
+            elif index + 1 < len(self.steps):
+                self.status.update(f"critic: step {index + 2} of {len(self.steps)}")
+        elif kind == "refining":
+            self._end_of_critique()
+            self._rule(f"round {event['round']}/{self.max_rounds} · refining step {event['index'] + 1}")
+            self._print(_labelled("flagged", Text(_preview(event["step"])), "bold red"))
+            self.status.update(f"refiner: rewriting step {event['index'] + 1}")
+        elif kind == "refined":
+            self._print(_labelled("rewrite", Text(_preview(event["rewrite"])), "bold green"))
+            self.status.update("critic: judging the revised solution")
+
+    def _show(
+        self,
+        index: int,
+        reward: float,
+        verdict: str,
+        flagged: bool,
+        critique: str | None,
+        *,
+        reused: bool = False,
+    ) -> None:
+        self.shown.add(index)
+        self.flagged = self.flagged or flagged
+        if 0 <= index < len(self.steps):
+            self.judged[tuple(self.steps[: index + 1])] = (reward, verdict, flagged)
+        style = _VERDICT_STYLES.get(verdict, "yellow")
+        line = Text.assemble(
+            (f"  step {index + 1:<3}", "bold"),
+            _reward_bar(reward, verdict),
+            (f" {reward:.2f} {verdict}", style),
+        )
+        if flagged:
+            line.append("  flagged", "bold red")
+        if reused:
+            line.append("  (reused)", "dim")
+        self._print(line)
+        if 0 <= index < len(self.steps):
+            step = Text(_preview(self.steps[index]), "" if flagged else "dim")
+            self._print(Padding(step, (0, 0, 0, 10), expand=False))
+        if flagged and critique:
+            self._print(_labelled("critique", Text(_preview(critique), "italic"), "red", indent=10))
+
+    def _reused(self, index: int) -> None:
+        known = self.judged.get(tuple(self.steps[: index + 1]))
+        if known is not None:
+            self._show(index, *known, None, reused=True)
+        else:
+            self.shown.add(index)
+            self._print(Text(f"  step {index + 1:<3}(reused)", "dim"))
+
+    def _end_of_critique(self, report: dict[str, Any] | None = None) -> None:
+        """Show the steps the critique of the current solution reused or left unjudged."""
+        if not self.steps:
+            return
+        if report is not None and list(report.get("steps") or []) == self.steps:
+            for step in report.get("step_reports") or []:
+                index = step["index"]
+                if index not in self.shown:
+                    verdicts = step.get("verdicts") or {}
+                    verdict = max(verdicts, key=verdicts.__getitem__) if verdicts else "none"
+                    self._show(
+                        index,
+                        step["reward"],
+                        verdict,
+                        step["flagged"],
+                        None,
+                        reused=step.get("reused", False),
+                    )
+        if not self.shown:
+            return
+        first, last = max(self.shown) + 2, len(self.steps)
+        if first <= last:
+            which = f"step {first}" if first == last else f"steps {first}-{last}"
+            why = " (the scan stops at the first flagged step)" if self.flagged else ""
+            self._print(Text(f"  {which}: not critiqued{why}", "dim"))
+        self.steps = []
+
+    def result(self, result: SolveResult) -> None:
+        self._end_of_critique(result.last_report)
+        if self.out is None:
+            return
+        out = self.out
+        if result.final_steps:
+            earlier = result.final_steps != self.last_solution
+            self._rule("final solution" + (" · the best one seen, from an earlier round" if earlier else ""))
+            for i, step in enumerate(result.final_steps):
+                reward = f"{result.step_rewards[i]:.2f}" if i < len(result.step_rewards) else "  - "
+                out.print(_labelled(f"step {i + 1:<3}{reward}", Text(_preview(step)), "bold"))
+        out.rule("[bold]result[/]")
+        if result.answer is None:
+            answer = Text("none (no \\boxed{} in the final solution)", "yellow")
+        elif not result.answer.strip():
+            answer = Text("none (an empty \\boxed{})", "yellow")
+        else:
+            answer = Text(result.answer, "bold green")
+        out.print(Text.assemble(("answer: ", "bold"), answer))
+        reason = result.stop_reason
+        style = "green" if reason == "all_steps_pass" else "red" if reason == "error" else "yellow"
+        out.print(
+            Text.assemble(("stop reason: ", "bold"), (reason, style), f" — {_STOP_REASONS.get(reason, '')}")
+        )
+        if result.error:
+            out.print(Text.assemble(("error: ", "bold red"), result.error))
+        table = Table("role", "calls", "prompt tokens", "completion tokens", "seconds", title="usage")
+        for role in ("policy", "critic", "refiner"):
+            u = getattr(result.usage, role)
+            table.add_row(
+                role, str(u.calls), str(u.prompt_tokens), str(u.completion_tokens), f"{u.seconds:.1f}"
+            )
+        out.print(table)
+        out.print(f"rounds: {len(result.rounds)}/{self.max_rounds} · time: {result.seconds:.1f} s")
+
+    def _rule(self, title: str) -> None:
+        if self.out is not None:
+            self.out.rule(title, align="left")
+
+    def _print(self, line: RenderableType) -> None:
+        if self.out is not None:
+            self.out.print(line)
+
+
+@app.command("solve")
+def solve(
+    problem: Annotated[str | None, typer.Argument(help="The problem; or use --file.")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the problem from this text file.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="critloop.toml")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as one JSON object (progress goes to stderr).")
+    ] = False,
+    policy_url: Annotated[
+        str | None, typer.Option(help="The policy's OpenAI-compatible base URL (sets kind = openai).")
+    ] = None,
+    policy_model: Annotated[str | None, typer.Option(help="The policy's model name or path.")] = None,
+    critic_url: Annotated[
+        str | None, typer.Option(help="The critic's OpenAI-compatible base URL (sets kind = openai).")
+    ] = None,
+    critic_model: Annotated[str | None, typer.Option(help="The critic's model name or path.")] = None,
+    critic_profile: Annotated[str | None, typer.Option(help="genprm | instruct")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="Critique chains per solution (Maj@N).")] = None,
+    max_rounds: Annotated[int | None, typer.Option(min=0, help="Refinement rounds at most.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Tokens all roles may generate together.")
+    ] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="Wall-clock seconds of the run.")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="step (rewrite the flagged step) | full (a new solution)")
+    ] = None,
+    sandbox: Annotated[str | None, typer.Option(help="docker | local | auto")] = None,
+) -> None:
+    """Solve a math problem with the self-correcting loop: policy -> GenPRM critic -> refiner.
+
+    Exits 0 when the loop finished (whatever its stop reason but an error), 1 on an
+    infrastructure failure (model endpoint, sandbox), 2 on bad input.
+    """
+    from critloop.config import load_config
+    from critloop.errors import ConfigError
+    from critloop.solver import Solver
+
+    if problem is not None and file is not None:
+        raise _fail("give the problem as an argument or with --file, not both", 2)
+    if file is not None:
+        try:
+            problem = file.read_text()
+        except OSError as exc:
+            raise _fail(f"cannot read {file}: {exc.strerror or exc}", 2) from None
+        except UnicodeDecodeError:
+            raise _fail(f"{file} is not UTF-8 text", 2) from None
+    if problem is None:
+        raise _fail('give the problem as an argument (critloop solve "What is 2 + 3 * 4?") or with --file', 2)
+    text = problem.strip()
+    if not text:
+        raise _fail(f"the problem is empty{f' ({file})' if file is not None else ''}", 2)
+    if mode is not None and mode not in ("step", "full"):
+        raise _fail(f"--mode must be step or full, not {mode!r}", 2)
+    if sandbox is not None and sandbox not in ("auto", "docker", "local"):
+        raise _fail(f"--sandbox must be docker, local or auto, not {sandbox!r}", 2)
+    overrides: dict[str, Any] = {
+        "policy.kind": "openai" if policy_url else None,
+        "policy.base_url": policy_url,
+        "policy.model": policy_model,
+        "critic.kind": "openai" if critic_url else None,
+        "critic.base_url": critic_url,
+        "critic.model": critic_model,
+        "critic.profile": critic_profile,
+        "critic.samples": samples,
+        "budget.max_rounds": max_rounds,
+        "budget.max_tokens": max_tokens,
+        "budget.max_seconds": max_seconds,
+        "refine.mode": mode,
+        "sandbox.backend": sandbox,
+    }
+    live = err if as_json else console
+    with live.status("starting: models, tokenizers, sandbox", spinner="dots") as status:
+        try:
+            cfg = load_config(config, overrides)
+            solver = Solver.from_config(cfg)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except CritloopError as exc:
+            raise _fail(str(exc)) from None
+        view = _SolveView(None if as_json else console, status, max_rounds=cfg.budget.max_rounds)
+
+        async def run() -> SolveResult:
+            result: SolveResult | None = None
+            async with solver:
+                await _load_models(solver)
+                pool = solver.critic.sandbox
+                backend = pool.status() if pool is not None else None
+                view.header(
+                    text,
+                    cfg,
+                    "none (no code verification)"
+                    if backend is None
+                    else f"{backend.backend} ({'isolated' if backend.isolated else 'not isolated'})",
+                )
+                # Everything loaded so far (models, tokenizers, torch) lives for the whole run:
+                # keep it out of the garbage collector's full passes, which stall the event loop.
+                gc.freeze()
+                status.update("policy: writing a solution")
+                async for event in solver.astream(text):
+                    if event["event"] == "done":
+                        result = event["result"]
+                    else:
+                        view.handle(event)
+            assert result is not None
+            return result
+
+        try:
+            result = asyncio.run(run())
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except CritloopError as exc:
+            raise _fail(str(exc)) from None
+    view.result(result)
+    if as_json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    if result.stop_reason == "error":
+        raise _fail(f"the run stopped on an infrastructure failure: {result.error}")
+
+
+async def _load_models(solver: Solver) -> None:
+    """Load the in-process models now (not inside the first model call), so that start-up ends
+    before the loop begins; a model that cannot load is a configuration error."""
+    from critloop.tools.local_engine import TransformersEngine
+
+    models = [getattr(w, "model", None) for w in (solver.policy.writer, solver.refiner.writer)]
+    engines = {id(m): m for m in [*models, solver.critic.model] if isinstance(m, TransformersEngine)}
+    for engine in engines.values():
+        await asyncio.to_thread(engine.load)
 
 
 @eval_app.command("processbench")

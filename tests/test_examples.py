@@ -1,14 +1,19 @@
-"""`make demo` runs examples/sandbox_demo.py: it must keep working as written."""
+"""The examples: the sandbox tour (examples/sandbox_demo.py) keeps working as written, and
+`make demo` runs the refine loop on a problem shipped in examples/problems/."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import require_docker
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "sandbox_demo.py"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "sandbox_demo.py"
+PROBLEMS = ROOT / "examples" / "problems"
 
 
 def test_the_sandbox_demo_runs() -> None:
@@ -27,3 +32,24 @@ def test_the_sandbox_demo_runs() -> None:
     )
     assert "network egress: OSError: [Errno 101] Network is unreachable" in lines
     assert lines[-1] == "LangChain tool python_sandbox -> 385"
+
+
+def test_the_shipped_problems_are_small_text_problems() -> None:
+    problems = sorted(PROBLEMS.glob("*.txt"))
+    assert PROBLEMS / "arithmetic.txt" in problems and len(problems) >= 2
+    for path in problems:
+        text = path.read_text(encoding="utf-8").strip()
+        assert text and "?" in text and len(text) < 300, path
+
+
+def test_make_demo_sets_up_then_runs_the_loop_on_a_shipped_problem() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry_run = ["make", "-n", "demo", "VENV=.venv"]
+    done = subprocess.run(dry_run, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.splitlines()
+    fetch = commands.index(".venv/bin/critloop models fetch")
+    build = next(i for i, c in enumerate(commands) if "critloop sandbox build" in c)
+    solve = commands.index(".venv/bin/critloop solve --file examples/problems/arithmetic.txt --max-rounds 1")
+    assert fetch < solve and build < solve
