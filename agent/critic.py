@@ -183,6 +183,7 @@ class _Chain:
         self.opening: asyncio.Task[Session] | None = None
         # snapshots[j]: a fork of the session's state after j steps (j = 0: fresh).
         self.snapshots: list[Session] = []
+        self.released = False
 
     @property
     def has_sandbox(self) -> bool:
@@ -221,6 +222,7 @@ class _Chain:
     def release(self) -> None:
         """Close without waiting (:meth:`Session.release`); a session still opening is
         released when it arrives."""
+        self.released = True
         if self.opening is not None:
             self.opening.add_done_callback(_release_opened)
             self.opening = None
@@ -555,7 +557,11 @@ class CritiqueRun:
         async def open_fresh() -> Session:
             session = await sandbox.open_session()
             if self.keep_snapshots and not chain.snapshots:
-                chain.snapshots.append(await session.fork())
+                snapshot = await session.fork()
+                if chain.released:  # released while this was opening: nobody else will
+                    snapshot.release()
+                else:
+                    chain.snapshots.append(snapshot)
             return session
 
         chain.opening = asyncio.create_task(open_fresh())

@@ -338,7 +338,7 @@ async def run_records(
 
 async def solve_record(graph: Any, context: RefineContext, problem: Problem) -> dict[str, Any]:
     """One problem's record: the run's result, graded, with the steps the critic judged."""
-    own = dataclasses.replace(context, runs={})  # per-problem critique runs; shared roles
+    own = dataclasses.replace(context, runs={}, tasks=set())  # per-problem runs and tasks; shared roles
     critiqued: list[list[Any]] = []
     result: SolveResult | None = None
     try:

@@ -69,6 +69,9 @@ class RefineContext:
     """Limits of the run."""
     runs: dict[str, CritiqueRun] = field(default_factory=dict)
     """Live critique runs, per problem: chains and sandbox snapshots for incremental re-critique."""
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    """The node tasks working now. LangGraph lets a node in flight run on when the consumer of
+    its stream goes away; :func:`stream_refine` cancels these then (a client disconnected)."""
 
 
 class RoundRecord(TypedDict):
@@ -230,12 +233,13 @@ class _Nodes:
             critic=ctx.critic or base.critic,
             budget=ctx.budget if isinstance(runtime.context, RefineContext) else base.budget,
             runs=ctx.runs if ctx.runs or isinstance(runtime.context, RefineContext) else base.runs,
+            tasks=ctx.tasks,
         )
 
     async def policy(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
         ctx = await self._context(runtime)
         assert ctx.policy is not None
-        async with _Step(state, ctx.budget) as step:
+        async with _Step(state, ctx) as step:
             draft = await ctx.policy.solve(state["problem"])
             step.charge("policy", draft.replies)
             if not draft.steps:
@@ -247,7 +251,7 @@ class _Nodes:
         ctx = await self._context(runtime)
         assert ctx.critic is not None
         writer = runtime.stream_writer
-        async with _Step(state, ctx.budget) as step:
+        async with _Step(state, ctx) as step:
             run = ctx.runs.get(state["problem"])
             if run is None:
                 run = ctx.runs[state["problem"]] = ctx.critic.run(state["problem"])
@@ -282,7 +286,7 @@ class _Nodes:
         analysis = critique_analysis(doubter.text)
         number = len(state.get("rounds", [])) + 1
         writer({"event": "refining", "round": number, "index": index, "step": state["steps"][index]})
-        async with _Step(state, ctx.budget) as step:
+        async with _Step(state, ctx) as step:
             refinement = await ctx.refiner.refine(state["problem"], state["steps"], index, analysis)
             step.charge("refiner", refinement.replies)
             step.charge("policy", refinement.continued)
@@ -352,9 +356,11 @@ class _Step:
     """One node's work: its time limit (the budget's seconds left), its usage, and the
     conversion of failures into a stop with a named reason (the partial trace is kept)."""
 
-    def __init__(self, state: RefineState, budget: Budget) -> None:
+    def __init__(self, state: RefineState, context: RefineContext) -> None:
         self.state = state
-        self.budget = budget
+        self.budget = context.budget
+        self._tasks = context.tasks
+        self._task = asyncio.current_task()
         self.usage = Usage.model_validate(state.get("usage") or {})
         self.started = time.perf_counter()
         self.result: dict[str, Any] = {}
@@ -368,10 +374,13 @@ class _Step:
         left = self.budget.max_seconds - self.state.get("seconds", 0.0)
         self._timeout = asyncio.timeout(max(0.0, left))
         await self._timeout.__aenter__()
+        if self._task is not None:
+            self._tasks.add(self._task)
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         assert self._timeout is not None
+        self._tasks.discard(self._task)
         try:
             await self._timeout.__aexit__(exc_type, exc, tb)
         except TimeoutError:
@@ -439,6 +448,8 @@ async def stream_refine(
                 yield {"event": "solution", "steps": chunk["steps"], "round": len(chunk.get("rounds") or [])}
             state = chunk
     finally:
+        for task in list(context.tasks):
+            task.cancel()  # nothing when the run finished; the nodes in flight when it was abandoned
         release_runs(context)
     yield {"event": "done", "result": SolveResult.from_state(state)}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from critic_script import DECISIONS, Plan, paragraph, scripted_genprm
 
 from critloop.agent.critic_protocol import ANALYZE_PREFIX
-from critloop.tools.completion import SamplingParams
+from critloop.tools.completion import CompletionResult, SamplingParams
 from critloop.tools.fakes import ScriptedCompletionModel
 
 PROBLEM = "What is 2 + 3 * 4?"
@@ -53,3 +54,22 @@ def policy_script(
         return "\n\n".join(initial)
 
     return ScriptedCompletionModel(respond, name="policy")
+
+
+class Gate(ScriptedCompletionModel):
+    """A scripted model whose calls wait until :attr:`open` is set; records cancellations."""
+
+    def __init__(self, inner: ScriptedCompletionModel) -> None:
+        super().__init__(inner._script, alternatives=inner.alternatives)  # type: ignore[arg-type]
+        self.open = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def complete(self, prompt: str, params: SamplingParams) -> CompletionResult:
+        self.entered.set()
+        try:
+            await self.open.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return await super().complete(prompt, params)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from critic_script import paragraph
 from langchain_core.language_models import FakeListChatModel
-from refine_script import BAD, GOOD, PROBLEM, critic_by_content, policy_script, wrong_15
+from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
 
 from critloop import Budget, CompletionWriter, Solver, extract_answer, join_steps, split_steps
 from critloop.agent.critic import CriticConfig, GenPRMCritic
@@ -241,6 +241,20 @@ async def test_a_langchain_chat_model_as_policy_continues_by_instruction(templat
     chat = FakeListChatModel(responses=[join_steps(BAD), "Then 2 + 12 = 14.", "The answer is $\\boxed{14}$."])
     result = await solver(template, pool, chat, critic_by_content(wrong_15)).asolve(PROBLEM)
     assert result.stop_reason == "all_steps_pass" and result.final_steps == GOOD
+
+
+async def test_abandoning_a_run_cancels_the_node_in_flight_and_frees_its_sessions(template, pool) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(critic_by_content(wrong_15))
+    run = asyncio.create_task(solver(template, pool, policy_script(), gate).asolve(PROBLEM))
+    await gate.entered.wait()
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    # LangGraph would let the node run on; critloop cancels it where it waits.
+    await asyncio.wait_for(gate.cancelled.wait(), timeout=10)
+    async with asyncio.timeout(10):
+        while pool.status().sessions:  # a session still opening is released when it arrives
+            await asyncio.sleep(0.01)
 
 
 async def test_no_blocking_call_inside_the_graph(template, pool) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,465 @@
+"""``critloop serve``: verified math behind the OpenAI chat API, for chat assistants.
+
+``POST /v1/chat/completions`` takes the last user message as the problem and answers with the
+refined solution (its final answer boxed). Non-streamed responses carry a ``critloop`` object
+(per-step rewards, rounds, stop reason, usage per role); streamed ones send the loop's progress
+as it happens (``delta.reasoning_content``, which chat UIs show as the model's thinking, plus a
+``critloop`` event object in each chunk) and then the solution as ``delta.content``.
+
+Example:
+    >>> from openai import OpenAI  # doctest: +SKIP
+    >>> client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")  # doctest: +SKIP
+    >>> reply = client.chat.completions.create(  # doctest: +SKIP
+    ...     model="critloop", messages=[{"role": "user", "content": "What is 2 + 3 * 4?"}]
+    ... )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from critloop.agent.steps import join_steps
+from critloop.errors import CritloopError
+from critloop.graphs.budget import Budget
+from critloop.graphs.refine import SolveResult
+from critloop.solver import Solver
+
+__all__ = ["ServerSettings", "create_app"]
+
+logger = logging.getLogger("critloop.server")
+
+MODEL_ID = "critloop"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """Limits and security of ``critloop serve``."""
+
+    api_key: str | None = None
+    """Bearer token every request must carry; None: no authentication (loopback use only)."""
+    max_concurrency: int = 4
+    """Refine runs at once (they share one sandbox pool and one set of model clients)."""
+    max_queue: int = 16
+    """Requests waiting for a run slot; beyond that the server answers 503 at once."""
+    max_request_bytes: int = 256 * 1024
+    """Largest request body."""
+    max_messages: int = 64
+    """Most messages in one request."""
+    max_budget: Budget = field(default_factory=Budget)
+    """The most a request may ask for; a request's ``critloop.budget`` is capped by it."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class _BudgetOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_rounds: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_seconds: float | None = Field(default=None, gt=0)
+    samples: int | None = Field(default=None, ge=1)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    budget: _BudgetOverride = Field(default_factory=_BudgetOverride)
+
+
+class _ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send temperature, top_p, ...
+
+    model: str = MODEL_ID
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    critloop: _Options = Field(default_factory=_Options)
+    """critloop's extension: per-request budget overrides, within the server's maximums."""
+
+
+class _Metrics:
+    """Counters for ``GET /metrics`` (Prometheus text format)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.stop_reasons: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()
+        self.run_seconds = 0.0
+        self.runs = 0
+        self.in_flight = 0
+        self.waiting = 0
+
+    def record(self, result: SolveResult, seconds: float) -> None:
+        self.runs += 1
+        self.run_seconds += seconds
+        self.stop_reasons[result.stop_reason] += 1
+        for role in ("policy", "critic", "refiner"):
+            usage = getattr(result.usage, role)
+            self.tokens[f'role="{role}",kind="prompt"'] += usage.prompt_tokens
+            self.tokens[f'role="{role}",kind="completion"'] += usage.completion_tokens
+
+    def render(self) -> str:
+        lines = [
+            "# HELP critloop_requests_total Chat completion requests by outcome.",
+            "# TYPE critloop_requests_total counter",
+            *(f'critloop_requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())),
+            "# HELP critloop_runs_in_flight Refine runs running now.",
+            "# TYPE critloop_runs_in_flight gauge",
+            f"critloop_runs_in_flight {self.in_flight}",
+            "# HELP critloop_queue_depth Requests waiting for a run slot.",
+            "# TYPE critloop_queue_depth gauge",
+            f"critloop_queue_depth {self.waiting}",
+            "# HELP critloop_run_seconds Wall time of finished refine runs.",
+            "# TYPE critloop_run_seconds summary",
+            f"critloop_run_seconds_sum {self.run_seconds:.6f}",
+            f"critloop_run_seconds_count {self.runs}",
+            "# HELP critloop_stop_reason_total Finished runs by stop reason.",
+            "# TYPE critloop_stop_reason_total counter",
+            *(
+                f'critloop_stop_reason_total{{reason="{k}"}} {v}'
+                for k, v in sorted(self.stop_reasons.items())
+            ),
+            "# HELP critloop_tokens_total Tokens by role and kind.",
+            "# TYPE critloop_tokens_total counter",
+            *(f"critloop_tokens_total{{{k}}} {v}" for k, v in sorted(self.tokens.items())),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _error(status: int, message: str, kind: str, *, param: str | None = None) -> JSONResponse:
+    """An OpenAI-style error object."""
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": kind, "param": param, "code": status}},
+    )
+
+
+def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving ``solver`` (one sandbox pool and client set for every request).
+
+    The app starts the solver's resources on start-up and closes them on shutdown.
+    """
+    settings = settings or ServerSettings()
+    metrics = _Metrics()
+    slots = asyncio.Semaphore(settings.max_concurrency)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with solver:
+            yield
+
+    app = FastAPI(title="critloop", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.solver = solver
+    app.state.metrics = metrics
+
+    def refused(request: Request) -> JSONResponse | None:
+        """The error for a request without the right key, or announcing too large a body."""
+        if settings.api_key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), settings.api_key):
+                metrics.requests["unauthorized"] += 1
+                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > settings.max_request_bytes:
+            metrics.requests["too_large"] += 1
+            return _error(
+                413, f"the request is larger than {settings.max_request_bytes} bytes", "invalid_request_error"
+            )
+        return None
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error serving %s", request.url.path, exc_info=exc)
+        metrics.requests["error"] += 1
+        return _error(500, "internal error (see the server's log)", "server_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.requests["invalid"] += 1
+        return _error(400, _describe(exc.errors()), "invalid_request_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        pool = solver.critic.sandbox
+        return {
+            "status": "ok",
+            "runs_in_flight": metrics.in_flight,
+            "queue_depth": metrics.waiting,
+            "sandbox": None if pool is None else pool.status().__dict__,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=None)
+    async def models(request: Request) -> dict[str, Any] | JSONResponse:
+        if (refusal := refused(request)) is not None:
+            return refusal
+        return {
+            "object": "list",
+            "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "critloop"}],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Response:
+        if (refusal := refused(request)) is not None:
+            return refusal
+        body = await request.body()
+        if len(body) > settings.max_request_bytes:
+            metrics.requests["too_large"] += 1
+            return _error(
+                413, f"the request is larger than {settings.max_request_bytes} bytes", "invalid_request_error"
+            )
+        try:
+            payload = _ChatRequest.model_validate_json(body)
+        except ValidationError as exc:
+            metrics.requests["invalid"] += 1
+            return _error(400, _describe(exc.errors()), "invalid_request_error")
+        if payload.model != MODEL_ID:
+            metrics.requests["invalid"] += 1
+            return _error(
+                404,
+                f"model {payload.model!r} does not exist; use {MODEL_ID!r}",
+                "invalid_request_error",
+                param="model",
+            )
+        if len(payload.messages) > settings.max_messages:
+            metrics.requests["invalid"] += 1
+            return _error(
+                400,
+                f"at most {settings.max_messages} messages per request",
+                "invalid_request_error",
+                param="messages",
+            )
+        problem = next((m.text() for m in reversed(payload.messages) if m.role == "user"), "").strip()
+        if not problem:
+            metrics.requests["invalid"] += 1
+            return _error(
+                400, "no user message with a problem in it", "invalid_request_error", param="messages"
+            )
+        budget = _capped(settings.max_budget, payload.critloop.budget)
+        if metrics.in_flight + metrics.waiting >= settings.max_concurrency + settings.max_queue:
+            metrics.requests["overloaded"] += 1
+            return _error(503, "the server is at capacity; retry later", "server_overloaded")
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if payload.stream:
+            return StreamingResponse(
+                _stream(request, problem, budget, completion_id),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        try:
+            result = await _run(problem, budget)
+        except CritloopError as exc:
+            metrics.requests["failed"] += 1
+            return _error(502, f"the refine loop failed: {exc}", "upstream_error")
+        metrics.requests["ok"] += 1
+        return JSONResponse(_completion(completion_id, result))
+
+    async def _run(problem: str, budget: Budget) -> SolveResult:
+        result: SolveResult | None = None
+        async for event in _events(problem, budget):
+            if event["event"] == "done":
+                result = event["result"]
+        assert result is not None
+        return result
+
+    async def _events(problem: str, budget: Budget) -> AsyncGenerator[dict[str, Any], None]:
+        metrics.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            metrics.waiting -= 1
+        metrics.in_flight += 1
+        started = time.perf_counter()
+        try:
+            async for event in solver.astream(problem, budget=budget):
+                if event["event"] == "done":
+                    metrics.record(event["result"], time.perf_counter() - started)
+                yield event
+        finally:
+            metrics.in_flight -= 1
+            slots.release()
+
+    async def _stream(
+        request: Request, problem: str, budget: Budget, completion_id: str
+    ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": MODEL_ID,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+        yield chunk({"role": "assistant", "content": ""})
+        events = _events(problem, budget)
+        # A client that goes away is noticed at once, not at the next write (which may be
+        # minutes away while a model thinks): its run is cancelled and its sessions freed.
+        gone = asyncio.create_task(_disconnected(request))
+        step: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    metrics.requests["cancelled"] += 1
+                    return
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    break
+                if event["event"] == "done":
+                    result: SolveResult = event["result"]
+                    yield chunk({"content": _answer_text(result)})
+                    yield chunk({}, "stop", critloop=_extension(result), usage=_usage(result))
+                    metrics.requests["ok"] += 1
+                    break
+                yield chunk({"reasoning_content": _progress(event)}, critloop=_jsonable(event))
+        except CritloopError as exc:
+            metrics.requests["failed"] += 1
+            yield chunk({"content": f"\n[critloop error: {exc}]"}, "stop")
+        except asyncio.CancelledError:
+            metrics.requests["cancelled"] += 1
+            raise
+        finally:
+            gone.cancel()
+            if step is not None and not step.done():
+                # The run is cancelled where it waits (a model call, a sandbox exec); its
+                # sessions are released on the way out.
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+            await events.aclose()
+        yield b"data: [DONE]\n\n"
+
+    return app
+
+
+def _invalid(status: int, message: str, param: str) -> JSONResponse:
+    return _error(status, message, "invalid_request_error", param=param)
+
+
+def _too_large(settings: ServerSettings) -> JSONResponse:
+    return _error(
+        413, f"the request is larger than {settings.max_request_bytes} bytes", "invalid_request_error"
+    )
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has disconnected (the request body was read before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _capped(maximum: Budget, asked: _BudgetOverride) -> Budget:
+    def cap(value: Any, limit: Any) -> Any:
+        return limit if value is None else min(value, limit) if limit is not None else value
+
+    return Budget(
+        max_rounds=cap(asked.max_rounds, maximum.max_rounds),
+        max_tokens=cap(asked.max_tokens, maximum.max_tokens),
+        max_seconds=cap(asked.max_seconds, maximum.max_seconds),
+        samples=cap(asked.samples, maximum.samples),
+    )
+
+
+def _describe(errors: Any) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _answer_text(result: SolveResult) -> str:
+    if result.final_steps:
+        return join_steps(result.final_steps)
+    return f"critloop could not write a solution ({result.stop_reason}: {result.error or 'no detail'})."
+
+
+def _usage(result: SolveResult) -> dict[str, int]:
+    u = result.usage
+    prompt = u.policy.prompt_tokens + u.critic.prompt_tokens + u.refiner.prompt_tokens
+    completion = u.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _extension(result: SolveResult) -> dict[str, Any]:
+    return {
+        "answer": result.answer,
+        "stop_reason": result.stop_reason,
+        "error": result.error,
+        "step_rewards": result.step_rewards,
+        "rounds": result.rounds,
+        "initial_steps": result.initial_steps,
+        "final_steps": result.final_steps,
+        "usage": result.usage.model_dump(),
+        "seconds": result.seconds,
+    }
+
+
+def _completion(completion_id: str, result: SolveResult) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": _answer_text(result)},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": _usage(result),
+        "critloop": _extension(result),
+    }
+
+
+def _progress(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "solution":
+        return f"Draft {event['round']}: {len(event['steps'])} steps.\n"
+    if kind == "step":
+        mark = "flagged" if event["flagged"] else "ok"
+        return f"Step {event['index'] + 1}: {event['verdict']} (reward {event['reward']:.2f}, {mark}).\n"
+    if kind == "refining":
+        return f"Rewriting step {event['index'] + 1} (round {event['round']}).\n"
+    if kind == "refined":
+        return f"Rewrote step {event['index'] + 1}.\n"
+    return ""
+
+
+def _jsonable(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "result"}

@@ -1,0 +1,218 @@
+"""``critloop serve`` on a real loopback port, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from model_fixtures import _free_port
+from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
+
+from critloop import Budget, CompletionWriter, Solver, join_steps
+from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.server import ServerSettings, create_app
+from critloop.tools.chat_template import ChatTemplate
+from critloop.tools.completion import SamplingParams
+from critloop.tools.embedded import CachedModel
+
+
+@pytest.fixture(scope="module")
+def template(embedded: CachedModel) -> ChatTemplate:
+    return ChatTemplate.from_pretrained(str(embedded.path))
+
+
+@pytest.fixture(scope="module")
+async def pool() -> AsyncIterator[SandboxPool]:
+    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
+        yield sandbox
+
+
+def make_solver(template: ChatTemplate, pool: SandboxPool, critic_model: Any = None) -> Solver:
+    critic_model = critic_model or critic_by_content(wrong_15)
+    critic = GenPRMCritic(critic_model, template, pool, CriticConfig(profile="genprm", samples=2))
+    writer = CompletionWriter(policy_script(), template, SamplingParams(max_tokens=256))
+    return Solver(policy=writer, critic=critic)
+
+
+@asynccontextmanager
+async def serving(solver: Solver, **settings: Any) -> AsyncIterator[str]:
+    port = _free_port()
+    app = create_app(solver, ServerSettings(**settings))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)  # uvicorn exposes no started event
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (for state another task changes, with no event to await)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def client(base: str, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+USER = [{"role": "user", "content": PROBLEM}]
+
+
+async def test_a_non_streamed_answer_carries_the_refined_solution_and_the_extension(template, pool) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, pool)) as base:
+        reply = await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == join_steps(GOOD)
+    assert reply.choices[0].finish_reason == "stop" and reply.model == "critloop"
+    extension = reply.model_extra["critloop"]  # type: ignore[index]
+    assert extension["stop_reason"] == "all_steps_pass" and extension["answer"] == "14"
+    assert extension["initial_steps"] == BAD and len(extension["rounds"]) == 1
+    assert len(extension["step_rewards"]) == 3 and extension["usage"]["critic"]["calls"] > 0
+    assert (
+        reply.usage is not None
+        and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    )
+    assert pool.status().sessions == 0
+
+
+async def test_a_streamed_answer_sends_progress_then_the_solution(template, pool) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, pool)) as base:
+        stream = await client(base).chat.completions.create(model="critloop", messages=USER, stream=True)  # type: ignore[call-overload]
+        chunks = [chunk async for chunk in stream]
+    progress = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert "Step 2: no (reward" in progress and "Rewriting step 2 (round 1)" in progress
+    assert progress.index("Step 2: no") < progress.index("Rewriting step 2")
+    assert content == join_steps(GOOD)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].model_extra["critloop"]["stop_reason"] == "all_steps_pass"  # type: ignore[index]
+    events = [c.model_extra["critloop"]["event"] for c in chunks[1:-2]]  # type: ignore[index]
+    assert events[0] == "solution" and "refining" in events and "step" in events
+
+
+async def test_models_health_and_metrics(template, pool) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, pool)) as base:
+        models = await client(base).models.list()
+        assert [m.id for m in models.data] == ["critloop"]
+        await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=base) as http:
+            health = (await http.get("/health")).json()
+            metrics = (await http.get("/metrics")).text
+    assert (
+        health["status"] == "ok" and health["runs_in_flight"] == 0 and health["sandbox"]["backend"] == "local"
+    )
+    assert 'critloop_requests_total{status="ok"} 1' in metrics
+    assert 'critloop_stop_reason_total{reason="all_steps_pass"} 1' in metrics
+    assert (
+        "critloop_run_seconds_count 1" in metrics
+        and 'critloop_tokens_total{role="critic",kind="completion"}' in metrics
+    )
+
+
+async def test_bearer_auth_when_a_key_is_configured(template, pool) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, pool), api_key="s3cret") as base:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await client(base, "wrong").chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        assert refused.value.body["type"] == "invalid_api_key"  # type: ignore[index]
+        with pytest.raises(openai.AuthenticationError):
+            await client(base, "wrong").models.list()
+        reply = await client(base, "s3cret").chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content == join_steps(GOOD)
+        async with httpx.AsyncClient(base_url=base) as http:
+            assert (await http.get("/health")).status_code == 200  # probes need no key
+
+
+def _body(**fields: Any) -> bytes:
+    return json.dumps({"model": "critloop", **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b"{not json", 400, "invalid request"),
+        (_body(), 400, "messages: Field required"),
+        (_body(messages=[]), 400, "messages"),
+        (_body(model="gpt-4", messages=USER), 404, "model 'gpt-4' does not exist"),
+        (_body(messages=[{"role": "system", "content": "hi"}]), 400, "no user message"),
+        (_body(messages=USER * 65), 400, "at most 64 messages"),
+        (_body(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
+        (_body(messages=USER, critloop={"budget": {"max_rounds": -1}}), 400, "max_rounds"),
+        (_body(messages=[{"role": "user", "content": "x" * 300_000}]), 413, "larger than"),
+    ],
+)
+async def test_malformed_and_oversized_requests_get_openai_error_objects(  # type: ignore[no-untyped-def]
+    template, pool, body: bytes, status: int, needle: str
+) -> None:
+    async with serving(make_solver(template, pool)) as base, httpx.AsyncClient(base_url=base) as http:
+        response = await http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and error["code"] == status and "Traceback" not in response.text
+
+
+async def test_saturation_answers_503_and_the_server_keeps_serving(template, pool) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(critic_by_content(wrong_15))
+    async with serving(make_solver(template, pool, gate), max_concurrency=1, max_queue=0) as base:
+        api = client(base)
+        first = asyncio.create_task(api.chat.completions.create(model="critloop", messages=USER))  # type: ignore[arg-type]
+        await gate.entered.wait()
+        with pytest.raises(openai.APIStatusError) as busy:
+            await api.chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        assert busy.value.status_code == 503 and busy.value.body["type"] == "server_overloaded"  # type: ignore[index]
+        gate.open.set()
+        assert (await first).choices[0].message.content == join_steps(GOOD)
+        again = await api.chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        assert again.choices[0].message.content == join_steps(GOOD)
+
+
+async def test_per_request_budgets_are_capped_by_the_server(template, pool) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, pool), max_budget=Budget(max_rounds=0)) as base:
+        reply = await client(base).chat.completions.create(
+            model="critloop",
+            messages=USER,
+            extra_body={"critloop": {"budget": {"max_rounds": 5}}},  # type: ignore[arg-type]
+        )
+    extension = reply.model_extra["critloop"]  # type: ignore[index]
+    assert extension["stop_reason"] == "max_rounds" and extension["rounds"] == []
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_its_sessions(
+    template, pool
+) -> None:  # type: ignore[no-untyped-def]
+    gate = Gate(critic_by_content(wrong_15))
+    solver = make_solver(template, pool, gate)
+    async with serving(solver) as base:
+        async with httpx.AsyncClient(base_url=base) as http:
+            body = {"model": "critloop", "messages": USER, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if "reasoning_content" in line:
+                        break  # the first progress chunk: the run is under way
+                await gate.entered.wait()
+                # The chains' sessions open beside the first analysis (which the gate holds).
+                await until(lambda: pool.status().sessions > 0)
+            # Leaving the block closed the connection mid-stream.
+        await asyncio.wait_for(gate.cancelled.wait(), timeout=10)
+        # Sessions still opening when the run was cancelled are released as they arrive.
+        await until(lambda: pool.status().sessions == 0)
+        await pool.settle()
+        async with httpx.AsyncClient(base_url=base) as http:
+            metrics = (await http.get("/metrics")).text
+    assert (
+        'critloop_requests_total{status="cancelled"} 1' in metrics and "critloop_runs_in_flight 0" in metrics
+    )
