@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -794,6 +795,338 @@ def _processbench_source(data: Path | None, split: str, *, single: bool) -> Path
                 f"reachable ({type(exc).__name__}): pass --data FILE_OR_FOLDER"
             ) from None
     return found
+
+
+# --------------------------------------------------------------------------- batch, bon, report
+
+
+_ConfigOpt = Annotated[Path | None, typer.Option("--config", help="critloop.toml")]
+_OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL), one record per problem.")]
+_ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Skip the problems already in --out; continue interrupted ones.")
+]
+_ConcurrencyOpt = Annotated[
+    int, typer.Option("--concurrency", "-c", min=1, help="Problems in flight at once.")
+]
+_LimitOpt = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the first N problems.")]
+_ShuffleOpt = Annotated[bool, typer.Option("--shuffle", help="Shuffle the problems first (with --seed).")]
+_SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")]
+_FieldOpt = Annotated[str | None, typer.Option(help="Record field (default: detected).")]
+_SamplesOpt = Annotated[
+    int | None, typer.Option("--samples", min=1, help="Critique chains per solution (Maj@N).")
+]
+_MaxRoundsOpt = Annotated[int | None, typer.Option("--max-rounds", min=0, help="Refinement rounds at most.")]
+
+
+def _load_dataset(
+    data: Path, limit: int | None, shuffle: bool, seed: int, fields: tuple[str | None, str | None, str | None]
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    from critloop.errors import ConfigError
+    from critloop.graphs.batch import FieldMap, load_problems
+
+    try:
+        problems, bad = load_problems(
+            data,
+            fields=FieldMap(problem=fields[0], answer=fields[1], id=fields[2]),
+            limit=limit,
+            shuffle=shuffle,
+            seed=seed,
+        )
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    for record in bad:
+        err.print(Text.assemble(("skipped: ", "yellow"), record["error"]), soft_wrap=True)
+    if not problems and not bad:
+        raise _fail(f"{data} holds no problems", 2)
+    return problems, bad
+
+
+class _BatchProgress:
+    """The live progress of a batch: problems done, running accuracy, rate, tokens, errors."""
+
+    def __init__(self, total: int, done_before: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=err,
+        )
+        self.task = self.progress.add_task("problems", total=total, completed=done_before, stats="")
+        self.count = self.initial = self.final = self.errors = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _BatchProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        self.initial += bool(record.get("correct_initial"))
+        self.final += bool(record.get("correct_final"))
+        self.errors += record.get("stop_reason") == "error"
+        usage = record.get("usage") or {}
+        self.tokens += sum(int((usage.get(role) or {}).get("completion_tokens", 0)) for role in usage)
+        minutes = max(1e-9, (time.perf_counter() - self.started) / 60)
+        stats = (
+            f"accuracy {self.initial / self.count:.1%} -> {self.final / self.count:.1%}  "
+            f"{self.count / minutes:.1f}/min  {self.tokens:,} tokens  {self.errors} errors"
+        )
+        self.progress.update(self.task, advance=1, stats=stats)
+
+
+def _finish_report(out: Path, title: str) -> None:
+    from critloop.errors import ConfigError
+    from critloop.graphs.report import read_records, summarize, summary_table, write_report
+
+    try:
+        summary = summarize(read_records(out))
+        paths = write_report(out)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    console.print(summary_table(summary, title=title))
+    console.print(f"report: {paths.markdown}  plots: {paths.accuracy_plot}, {paths.rewards_plot}")
+
+
+@app.command("batch")
+def batch(
+    data: Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")],
+    out: _OutOpt,
+    config: _ConfigOpt = None,
+    resume: _ResumeOpt = False,
+    concurrency: _ConcurrencyOpt = 8,
+    limit: _LimitOpt = None,
+    shuffle: _ShuffleOpt = False,
+    seed: _SeedOpt = 0,
+    problem_field: _FieldOpt = None,
+    answer_field: _FieldOpt = None,
+    id_field: _FieldOpt = None,
+    samples: _SamplesOpt = None,
+    max_rounds: _MaxRoundsOpt = None,
+) -> None:
+    """Run the refine loop over a dataset: one graded record per problem, resumable, with a report.
+
+    Each record is appended (and fsynced) as its problem finishes; interrupted problems resume
+    from their checkpoints (``OUT.checkpoints.sqlite``) with ``--resume``. At the end the summary
+    is printed and ``OUT``'s report (Markdown and PNG plots) is written next to it.
+    """
+    from critloop.config import load_config
+    from critloop.errors import ConfigError
+    from critloop.graphs.batch import ResultsFile, run_batch
+    from critloop.graphs.refine import build_refine_graph
+    from critloop.solver import Solver
+
+    problems, bad = _load_dataset(data, limit, shuffle, seed, (problem_field, answer_field, id_field))
+    try:
+        cfg = load_config(config, {"critic.samples": samples, "budget.max_rounds": max_rounds})
+        solver = Solver.from_config(cfg)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    if out.exists() and out.stat().st_size and not resume:
+        raise _fail(f"{out} already holds results: pass --resume to continue it, or choose another --out", 2)
+    done_before = len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
+
+    async def run() -> None:
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        async with (
+            solver,
+            AsyncSqliteSaver.from_conn_string(str(out.with_suffix(".checkpoints.sqlite"))) as saver,
+        ):
+            await _load_models(solver)
+            gc.freeze()  # what start-up loaded stays out of the collector's full passes
+            graph = build_refine_graph(checkpointer=saver)
+            with _BatchProgress(len(problems) + len(bad), done_before) as progress:
+                await run_batch(
+                    graph,
+                    solver.context(),
+                    problems,
+                    out,
+                    concurrency=concurrency,
+                    resume=resume,
+                    bad=bad,
+                    on_record=progress.record,
+                )
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    _finish_report(out, f"refine loop: {data.name}")
+
+
+@app.command("bon")
+def bon(
+    data: Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")],
+    out: _OutOpt,
+    n: Annotated[int, typer.Option("--n", min=1, help="Policy samples per problem.")] = 8,
+    aggregation: Annotated[
+        str, typer.Option(help="Solution score from step rewards: min | last | mean | product")
+    ] = "min",
+    config: _ConfigOpt = None,
+    resume: _ResumeOpt = False,
+    concurrency: _ConcurrencyOpt = 4,
+    limit: _LimitOpt = None,
+    shuffle: _ShuffleOpt = False,
+    seed: _SeedOpt = 0,
+    problem_field: _FieldOpt = None,
+    answer_field: _FieldOpt = None,
+    id_field: _FieldOpt = None,
+    samples: _SamplesOpt = None,
+) -> None:
+    """Best-of-N, the baseline: N solutions per problem, the critic's pick, and majority vote.
+
+    Every step of every sample is scored by the critic; the sample with the best aggregation of
+    its step rewards is graded, next to the first sample alone and the answers' majority vote.
+    """
+    from critloop.config import load_config
+    from critloop.errors import ConfigError
+    from critloop.graphs.batch import ResultsFile
+    from critloop.graphs.bon import run_best_of_n
+    from critloop.solver import Solver
+
+    if aggregation not in ("min", "last", "mean", "product"):
+        raise _fail(f"--aggregation must be min, last, mean or product, not {aggregation!r}", 2)
+    problems, bad = _load_dataset(data, limit, shuffle, seed, (problem_field, answer_field, id_field))
+    try:
+        solver = Solver.from_config(load_config(config, {"critic.samples": samples}))
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    if out.exists() and out.stat().st_size and not resume:
+        raise _fail(f"{out} already holds results: pass --resume to continue it, or choose another --out", 2)
+    done_before = len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
+
+    async def run() -> None:
+        async with solver:
+            await _load_models(solver)
+            gc.freeze()
+            with _BatchProgress(len(problems) + len(bad), done_before) as progress:
+                await run_best_of_n(
+                    solver.policy,
+                    solver.critic,
+                    problems,
+                    out,
+                    n=n,
+                    aggregation=aggregation,  # type: ignore[arg-type]
+                    concurrency=concurrency,
+                    resume=resume,
+                    bad=bad,
+                    on_record=progress.record,
+                )
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    _finish_report(out, f"best-of-{n} ({aggregation}): {data.name}")
+    records = ResultsFile(out).records()
+    if records:
+        majority = sum(bool(r.get("correct_majority")) for r in records) / len(records)
+        console.print(f"answer majority vote over the {n} samples: {majority:.1%}")
+
+
+@app.command("report")
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results files (JSONL) of batch or bon runs.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="One file: the folder; several: the comparison's path stem."),
+    ] = None,
+) -> None:
+    """Re-render the report of a results file, or compare several side by side.
+
+    One file: its Markdown report and PNG plots, next to it (or in --out). Several: a table and
+    a plot of accuracy against tokens spent.
+    """
+    from critloop.errors import ConfigError
+    from critloop.graphs.report import read_records, summarize, summary_table, write_comparison, write_report
+
+    try:
+        if len(results) == 1:
+            summary = summarize(read_records(results[0]))
+            paths = write_report(results[0], out)
+            console.print(summary_table(summary, title=results[0].name))
+            console.print(f"report: {paths.markdown}  plots: {paths.accuracy_plot}, {paths.rewards_plot}")
+            return
+        target = out or results[0].with_name("comparison")
+        markdown, plot = write_comparison(results, target)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    console.print(markdown.read_text())
+    console.print(f"comparison: {markdown}  plot: {plot}")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command("serve")
+def serve(
+    config: _ConfigOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Name of the environment variable holding the bearer token clients must send."),
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Refine runs at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond that; more get 503.")] = 16,
+) -> None:
+    """Serve verified math behind the OpenAI chat API (model ``critloop``).
+
+    ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models``, ``/health``, ``/metrics``.
+    """
+    import os
+
+    import uvicorn
+
+    from critloop.config import load_config
+    from critloop.errors import ConfigError
+    from critloop.server import ServerSettings, create_app
+    from critloop.solver import Solver
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise _fail(f"--api-key-env names {api_key_env!r}, but that variable is not set", 2)
+    try:
+        cfg = load_config(config)
+        solver = Solver.from_config(cfg)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+    if api_key is None and host not in _LOOPBACK:
+        err.print(
+            Text(
+                f"WARNING: serving on {host} with NO authentication: anyone who can reach this port "
+                "can run models and code here. Set --api-key-env.",
+                "bold red",
+            ),
+            soft_wrap=True,
+        )
+    settings = ServerSettings(
+        api_key=api_key, max_concurrency=max_concurrency, max_queue=max_queue, max_budget=cfg.budget
+    )
+    err.print(f"critloop serving on http://{host}:{port}/v1 (model 'critloop')", soft_wrap=True)
+    uvicorn.run(create_app(solver, settings), host=host, port=port, log_level="info")
 
 
 def main() -> None:

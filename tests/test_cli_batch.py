@@ -1,0 +1,161 @@
+"""``critloop batch``, ``bon`` and ``report`` as subprocesses against a real HTTP server, a crash
+(SIGKILL) and ``--resume``, and an end-to-end batch on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require_docker
+from openai_script import policy_and_critic
+from scripted_server import ScriptedServer
+from typer.testing import CliRunner
+
+from critloop.cli import app
+from critloop.tools.embedded import CachedModel
+
+CRITLOOP = str(Path(sys.executable).with_name("critloop"))
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems" / "gsm8k_test.jsonl"
+
+
+def dataset(tmp_path: Path, n: int, *, broken: bool = True) -> Path:
+    rows = [
+        {"id": f"q{i:02d}", "problem": f"What is 2 + 3 * 4? (copy {i})", "answer": "14"} for i in range(n)
+    ]
+    rows[1]["answer"] = "15"
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ("{broken\n" if broken else ""))
+    return path
+
+
+def scripted_config(tmp_path: Path, url: str, embedded: CachedModel) -> Path:
+    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{embedded.path}"\n'
+    config = tmp_path / "critloop.toml"
+    config.write_text(
+        f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'
+        '[budget]\nmax_rounds = 1\n[sandbox]\nbackend = "local"\npool_size = 1\n'
+    )
+    return config
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True) if path.exists() else []
+
+
+def test_a_killed_batch_resumes_with_every_id_once_and_finished_records_untouched(
+    tmp_path: Path, embedded: CachedModel
+) -> None:
+    data = dataset(tmp_path, 12)
+    out = tmp_path / "results.jsonl"
+    with ScriptedServer(default=policy_and_critic(delay=0.05)) as server:
+        config = scripted_config(tmp_path, server.url, embedded)
+        args = [
+            CRITLOOP,
+            "batch",
+            str(data),
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--concurrency",
+            "2",
+        ]
+        first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while len(lines(out)) < 4:  # the broken record and a few solved problems
+                assert first.poll() is None, first.stderr.read() if first.stderr else ""
+                assert time.monotonic() < deadline, "the batch wrote nothing in 300 s"
+                time.sleep(0.02)  # polling another process's file: there is nothing to await
+            os.kill(first.pid, signal.SIGKILL)
+        finally:
+            first.wait(timeout=30)
+        before = out.read_bytes()
+        assert first.returncode == -signal.SIGKILL
+        done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = out.read_bytes()
+    finished = before[: before.rfind(b"\n") + 1]  # a line torn by the kill is not a record
+    assert after.startswith(finished)
+    records = [json.loads(line) for line in lines(out)]
+    assert all(line.endswith(b"\n") for line in lines(out))
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == sorted([f"q{i:02d}" for i in range(12)] + ["problems:13"])
+    by_id = {r["id"]: r for r in records}
+    assert by_id["problems:13"]["error"].startswith("problems.jsonl line 13: not valid JSON")
+    assert by_id["q00"]["correct_final"] is True and by_id["q01"]["correct_final"] is False
+    assert all(r["stop_reason"] == "all_steps_pass" for r in records if r["id"] != "problems:13")
+    assert "accuracy" in done.stdout.lower()
+    assert (tmp_path / "results.report.md").is_file() and (
+        tmp_path / "results.accuracy.png"
+    ).stat().st_size > 1000
+
+
+def test_batch_input_errors_exit_2_and_name_the_problem(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["batch", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r.jsonl")])
+    assert missing.exit_code == 2 and "none.jsonl: no such file" in missing.output
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"id": "x"}\n')
+    taken = runner.invoke(app, ["batch", str(dataset(tmp_path, 2)), "--out", str(out)])
+    assert taken.exit_code == 2 and "already holds results" in taken.output
+
+
+def test_bon_and_report_on_a_scripted_server(tmp_path: Path, embedded: CachedModel) -> None:
+    data = dataset(tmp_path, 3, broken=False)
+    out = tmp_path / "bon.jsonl"
+    with ScriptedServer(default=policy_and_critic()) as server:
+        config = scripted_config(tmp_path, server.url, embedded)
+        args = ["bon", str(data), "--config", str(config), "--out", str(out), "--n", "2"]
+        done = subprocess.run([CRITLOOP, *args], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in lines(out)]
+    assert [r["method"] for r in records] == ["best_of_n"] * 3
+    assert [r["correct_final"] for r in sorted(records, key=lambda r: r["id"])] == [True, False, True]
+    assert "majority vote over the 2 samples: 66.7%" in done.stdout
+    # report: one file re-rendered into a folder, then two files compared.
+    runner = CliRunner()
+    folder = tmp_path / "again"
+    single = runner.invoke(app, ["report", str(out), "--out", str(folder)])
+    assert single.exit_code == 0, single.output
+    assert (folder / "bon.report.md").is_file() and (folder / "bon.rewards.png").is_file()
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(out.read_bytes())
+    both = runner.invoke(app, ["report", str(out), str(other), "--out", str(tmp_path / "cmp")])
+    assert both.exit_code == 0, both.output
+    assert (tmp_path / "cmp.md").is_file() and (tmp_path / "cmp.png").stat().st_size > 1000
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert runner.invoke(app, ["report", str(empty)]).exit_code == 2
+
+
+def test_a_batch_on_the_embedded_model_with_the_docker_sandbox(tmp_path: Path) -> None:
+    require_docker()
+    if not GSM8K.is_file():
+        pytest.skip("the shared datasets exist only on the project's machines")
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:2]))
+    config = tmp_path / "critloop.toml"
+    config.write_text(
+        "[policy]\nmax_tokens = 160\n[critic]\nsamples = 1\nmax_critique_tokens = 200\ncode_rounds = 1\n"
+        "forced_judgement_tokens = 8\n[budget]\nmax_rounds = 1\n[refine]\nmax_step_tokens = 64\n"
+        '[sandbox]\nbackend = "docker"\npool_size = 1\n'
+    )
+    out = tmp_path / "results.jsonl"
+    args = [CRITLOOP, "batch", str(data), "--config", str(config), "--out", str(out), "--concurrency", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1500, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in lines(out)]
+    assert sorted(r["id"] for r in records) == ["gsm8k:1", "gsm8k:2"]
+    for record in records:
+        assert record["error"] is None, record["error"]
+        assert record["gold"] in ("18", "3")
+        assert isinstance(record["correct_initial"], bool) and isinstance(record["correct_final"], bool)
+        assert record["usage"]["critic"]["calls"] >= 1 and len(record["rounds"]) <= 1
+    assert (tmp_path / "results.report.md").is_file()
