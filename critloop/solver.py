@@ -2,7 +2,8 @@
 
 Example:
     >>> from critloop import Budget, Solver
-    >>> result = Solver.from_config(budget=Budget(max_rounds=1)).solve("What is 2 + 3 * 4?")  # doctest: +SKIP
+    >>> solver = Solver.from_config(budget=Budget(max_rounds=1, max_seconds=180))  # doctest: +SKIP
+    >>> result = solver.solve("What is 2 + 3 * 4?")  # doctest: +SKIP
     >>> result.answer, result.stop_reason  # doctest: +SKIP
     ('14', 'all_steps_pass')
 """
@@ -197,13 +198,33 @@ def _completion_writer(endpoint: EndpointConfig) -> CompletionWriter:
 def make_graph(config: Any = None) -> Any:
     """The graph factory named in ``langgraph.json`` (for ``langgraph dev``): the refine graph
     with no checkpointer (the server brings its own), whose runs without a context use the
-    models of the config file named by ``$CRITLOOP_CONFIG`` (or the embedded defaults)."""
+    models of the config file named by ``$CRITLOOP_CONFIG`` (or the embedded defaults).
+
+    The server calls the factory for every run: the models and the sandbox pool are built once
+    per process (and event loop) and shared by every graph it returns.
+    """
+    return build_refine_graph(default_context=_shared_default_context)
+
+
+_DEFAULT_CONTEXTS: dict[tuple[str | None, int], asyncio.Future[RefineContext]] = {}
+
+
+async def _shared_default_context() -> RefineContext:
     import os
 
-    async def default_context() -> RefineContext:
-        cfg = load_config(os.environ.get("CRITLOOP_CONFIG") or None)
-        solver = Solver.from_config(cfg)
-        await solver._start()
-        return solver.context()
+    key = (os.environ.get("CRITLOOP_CONFIG") or None, id(asyncio.get_running_loop()))
+    future = _DEFAULT_CONTEXTS.get(key)
+    if future is None:
+        future = _DEFAULT_CONTEXTS[key] = asyncio.ensure_future(_build_default_context(key[0]))
+        # A failed build is not kept: the next run tries again (and reports its own error).
+        future.add_done_callback(
+            lambda f: f.cancelled() or f.exception() is None or _DEFAULT_CONTEXTS.pop(key, None)
+        )
+    return await asyncio.shield(future)
 
-    return build_refine_graph(default_context=default_context)
+
+async def _build_default_context(path: str | None) -> RefineContext:
+    # Reading the config and the tokenizers is file I/O: off the event loop.
+    solver = await asyncio.to_thread(lambda: Solver.from_config(load_config(path)))
+    await solver._start()
+    return solver.context()

@@ -65,8 +65,8 @@ class RefineContext:
     """Rewrites the first flagged step (or the whole solution, in ``full`` mode)."""
     critic: GenPRMCritic | None = None
     """The GenPRM critic, with its sandbox pool."""
-    budget: Budget = field(default_factory=Budget)
-    """Limits of the run."""
+    budget: Budget | None = None
+    """Limits of the run; None: the default context's (else ``Budget()``)."""
     runs: dict[str, CritiqueRun] = field(default_factory=dict)
     """Live critique runs, per problem: chains and sandbox snapshots for incremental re-critique."""
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -218,9 +218,13 @@ class _Nodes:
         self._lock = asyncio.Lock()
 
     async def _context(self, runtime: Runtime[RefineContext]) -> RefineContext:
-        ctx = runtime.context if isinstance(runtime.context, RefineContext) else RefineContext()
-        if ctx.policy is not None and ctx.refiner is not None and ctx.critic is not None:
-            return ctx
+        """The run's context, its missing parts filled from the default context. Always has
+        every role and a budget."""
+        given = runtime.context if isinstance(runtime.context, RefineContext) else RefineContext()
+        if given.policy is not None and given.refiner is not None and given.critic is not None:
+            if given.budget is None:
+                given.budget = Budget()
+            return given
         if self._default_context is None:
             raise CritloopError("the refine graph needs a RefineContext with policy, refiner and critic")
         async with self._lock:
@@ -228,12 +232,13 @@ class _Nodes:
                 self._default = await self._default_context()
         base = self._default
         return RefineContext(
-            policy=ctx.policy or base.policy,
-            refiner=ctx.refiner or base.refiner,
-            critic=ctx.critic or base.critic,
-            budget=ctx.budget if isinstance(runtime.context, RefineContext) else base.budget,
-            runs=ctx.runs if ctx.runs or isinstance(runtime.context, RefineContext) else base.runs,
-            tasks=ctx.tasks,
+            policy=given.policy or base.policy,
+            refiner=given.refiner or base.refiner,
+            critic=given.critic or base.critic,
+            budget=given.budget or base.budget or Budget(),
+            # A server's empty context brings fresh (empty) runs and tasks: one run, its own.
+            runs=given.runs,
+            tasks=given.tasks,
         )
 
     async def policy(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
@@ -261,7 +266,8 @@ class _Nodes:
             def on_step(report: StepReport) -> None:
                 writer(_step_event(report))
 
-            report = await run.critique(state["steps"], samples=ctx.budget.samples, on_step=on_step)
+            samples = (ctx.budget or Budget()).samples
+            report = await run.critique(state["steps"], samples=samples, on_step=on_step)
             step.charge_usage("critic", report.usage)
             best = _better(state.get("best"), report)
             update = step.update(
@@ -313,6 +319,10 @@ class _Nodes:
         return step.result
 
     async def finalize(self, state: RefineState, runtime: Runtime[RefineContext]) -> dict[str, Any]:
+        if isinstance(runtime.context, RefineContext):
+            run = runtime.context.runs.pop(state["problem"], None)
+            if run is not None:
+                run.release()  # done with this problem: its sandbox sessions go now
         best = state.get("best")
         steps = best["steps"] if best else state.get("steps", [])
         rewards = best["step_rewards"] if best else []
@@ -358,7 +368,7 @@ class _Step:
 
     def __init__(self, state: RefineState, context: RefineContext) -> None:
         self.state = state
-        self.budget = context.budget
+        self.budget = context.budget or Budget()
         self._tasks = context.tasks
         self._task = asyncio.current_task()
         self.usage = Usage.model_validate(state.get("usage") or {})

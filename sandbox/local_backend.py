@@ -115,6 +115,9 @@ class LocalBackend(SandboxBackend):
         self._count = 0
         mode = self.config.local_bubblewrap
         self.bubblewrap = mode == "on" or (mode == "auto" and _bubblewrap_works())
+        # Built here (create_backend runs in a worker thread): path lookups must not run in the
+        # event loop, where start_kernel runs.
+        self._prefix = _bwrap_prefix() if self.bubblewrap else []
         if mode == "on" and not _bubblewrap_works():
             raise SandboxUnavailableError(
                 "local_bubblewrap = 'on', but bwrap is missing or cannot create namespaces"
@@ -128,8 +131,7 @@ class LocalBackend(SandboxBackend):
             "CRITLOOP_KILL_GRACE": str(self.config.kill_grace_seconds),
         }
         command = [sys.executable, "-I", "-u", str(Path(_kernel_module.__file__))]
-        if self.bubblewrap:
-            command = [*_bwrap_prefix(), *command]
+        command = [*self._prefix, *command]
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,

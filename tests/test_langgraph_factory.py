@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from blockbuster import BlockingError
 from refine_script import BAD, GOOD, PROBLEM, critic_by_content, policy_script, wrong_15
 
 from critloop import Budget, CompletionWriter, Policy, Refiner, Solver, StopReason
@@ -176,25 +175,18 @@ async def test_make_graph_builds_its_default_context_from_critloop_config(
     assert len(seen) == 1 and seen[0].budget.max_rounds == 0
     assert seen[0].sandbox.backend == "local"
     assert state["stop_reason"] == "max_rounds" and state["final_steps"] == BAD and state["answer"] == "15"
+    # The server calls the factory for every run: they share one set of models and one pool.
+    again = await make_graph().ainvoke({"problem": PROBLEM}, context={})
+    assert again["stop_reason"] == "max_rounds" and len(seen) == 1
 
 
 # --------------------------------------------------------------------------- as the server runs it
 #
 # `langgraph dev` (langgraph-api 0.16) runs every graph under blockbuster, which turns a blocking
 # call in the event loop into an error, and passes each run the assistant's context, by default
-# `{}`, which LangGraph coerces into `RefineContext()`. Both tests below fail today: the first at
-# the file and tokenizer reads of `Solver.from_config` inside make_graph's default context; the
-# second because an empty context's default Budget() replaces the config file's budget. (With
-# Solver.from_config moved to a thread and the Docker backend, the first path ran clean here in
-# about 30 s; the local backend's start still calls shutil.which in the loop.)
+# `{}`, which LangGraph coerces into `RefineContext()`: neither may break a run.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BlockingError,
-    reason="make_graph's default context runs Solver.from_config (file and tokenizer reads) in the event "
-    "loop, and the local backend's start calls shutil.which there",
-)
 async def test_the_default_context_path_makes_no_blocking_call(
     embedded: CachedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,11 +207,6 @@ async def test_the_default_context_path_makes_no_blocking_call(
     assert state["final_steps"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="an empty context's default Budget() replaces the default context's budget",
-)
 async def test_an_empty_context_as_the_server_passes_keeps_the_default_budget(template, pool) -> None:  # type: ignore[no-untyped-def]
     built: list[RefineContext] = []
 

@@ -73,3 +73,16 @@ async def test_an_unloadable_model_names_itself(tmp_path) -> None:  # type: igno
     engine = TransformersEngine(str(tmp_path / "no-such-model"))
     with pytest.raises(ConfigError, match="no-such-model"):
         await engine.complete("x", SamplingParams(max_tokens=1))
+
+
+def test_rows_nobody_waits_for_stop_at_the_next_token(engine: TransformersEngine) -> None:
+    """A request whose caller gave up (its future cancelled) is cut instead of generated to the end."""
+    checks = iter(range(1000))
+    params = SamplingParams(max_tokens=200, temperature=0.0)
+    (kept,) = engine._generate([("Count from one to one hundred: one, two,", params)])
+    (cut,) = engine._generate(
+        [("Count from one to one hundred: one, two,", params)], [lambda: next(checks) >= 5]
+    )
+    assert kept.completion_tokens > 10, "the prompt must make the model write on"
+    assert cut.choices[0].finish_reason == "length" and cut.completion_tokens <= 6
+    assert kept.choices[0].text.startswith(cut.choices[0].text)

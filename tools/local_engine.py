@@ -13,6 +13,7 @@ import inspect
 import logging
 import random
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -177,7 +178,12 @@ class TransformersEngine:
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self._generate, [(r.prompt, r.params) for r in batch])
+                # A caller that gave up (a time budget, a client gone) cancels its future: its rows
+                # stop at the next token instead of generating to the end.
+                abandoned = [r.future.cancelled for r in batch]
+                results = await asyncio.to_thread(
+                    self._generate, [(r.prompt, r.params) for r in batch], abandoned
+                )
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                 error = (
                     exc if isinstance(exc, CritloopError) else CritloopError(f"local engine failed: {exc!r}")
@@ -200,17 +206,23 @@ class TransformersEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _generate(self, requests: list[tuple[str, SamplingParams]]) -> list[CompletionResult]:
+    def _generate(
+        self,
+        requests: list[tuple[str, SamplingParams]],
+        abandoned: Sequence[Callable[[], bool]] = (),
+    ) -> list[CompletionResult]:
         self.load()
         with self._run_lock:
             import torch
 
             with torch.inference_mode():
-                result = self._generate_batch(requests)
+                result = self._generate_batch(requests, abandoned)
             self.batches_run += 1
             return result
 
-    def _generate_batch(self, requests: list[tuple[str, SamplingParams]]) -> list[CompletionResult]:
+    def _generate_batch(
+        self, requests: list[tuple[str, SamplingParams]], abandoned: Sequence[Callable[[], bool]] = ()
+    ) -> list[CompletionResult]:
         import torch
 
         tok, model, device = self._tokenizer, self._model, self._device
@@ -249,6 +261,9 @@ class TransformersEngine:
         )
         past = getattr(out, cache_arg)
         for _step in range(max_new):
+            for row in rows:
+                if row.finish is None and abandoned and abandoned[row.request]():
+                    row.finish = "length"  # nobody waits for it: cut here
             logits = out.logits[:, -1, :vocab].float().cpu()
             chosen = self._step(rows, logits, seen, penalty, temperature, eos_ids)
             if all(r.finish is not None for r in rows):
