@@ -49,6 +49,8 @@ bench: sandbox-image models
 	$(BIN)/python benchmarks/bench_sandbox.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_critic.py
+	$(BIN)/python benchmarks/bench_batch.py
+	$(BIN)/python benchmarks/bench_server.py
 
 clean:
 	-$(BIN)/critloop sandbox clean --all

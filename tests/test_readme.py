@@ -34,7 +34,9 @@ NEEDS_SERVERS = {
     "from langchain_openai import ChatOpenAI": "a policy and a GenPRM server, and langchain-openai",
     "from langgraph_sdk import get_client": "a `langgraph dev` server",
 }
-MARKERS = [*EXACT, THREE_LINES, STREAMING, *NEEDS_SERVERS]
+# Run by other suites, against servers they start.
+RUN_ELSEWHERE = {"from openai import OpenAI": "tests/test_server.py, against a scripted critloop serve"}
+MARKERS = [*EXACT, THREE_LINES, STREAMING, *NEEDS_SERVERS, *RUN_ELSEWHERE]
 
 # The streaming example reads critloop.toml from its working directory: here, the embedded model in
 # every role, with small limits (and 90 seconds of budget) so that the run stays near a minute or

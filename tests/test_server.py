@@ -216,3 +216,31 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_it
     assert (
         'critloop_requests_total{status="cancelled"} 1' in metrics and "critloop_runs_in_flight 0" in metrics
     )
+
+
+async def test_the_readme_openai_client_example_runs_against_critloop_serve(  # type: ignore[no-untyped-def]
+    template, pool
+) -> None:
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+        if "from openai import OpenAI" in b
+    ]
+    async with serving(make_solver(template, pool)) as base:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code.replace("http://127.0.0.1:8080", base),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, errors = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, errors.decode()[-2000:]
+    printed = out.decode().splitlines()
+    assert "\n".join(printed[:-1]) == join_steps(GOOD)
+    assert printed[-1].startswith("all_steps_pass [")
