@@ -82,6 +82,13 @@ async def load(call: Any, clients: int, per_client: int) -> dict[str, Any]:
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: statistics.median(r[key] for r in runs) for key in ("rps", "p50_ms", "p99_ms")} | {
+        "clients": runs[0]["clients"],
+        "requests": sum(r["requests"] for r in runs),
+    }
+
+
 async def main_async(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from critloop.tools.embedded import fetch_model
 
@@ -152,14 +159,25 @@ async def main_async(args: argparse.Namespace, console: Console) -> dict[str, An
                     gc.collect()
                     gc.freeze()  # as the server does after start-up
                     for clients in levels:
-                        console.log(f"{clients} clients x {per_client} requests")
-                        served = await load(via_http, clients, per_client)
-                        baseline = await load(direct, clients, per_client)
+                        # Alternate server and direct runs: the machine's noise drifts, and a
+                        # difference of medians taken side by side is what is reported.
+                        served_runs, direct_runs = [], []
+                        for repeat in range(args.repeats):
+                            console.log(f"{clients} clients x {per_client} requests (repeat {repeat + 1})")
+                            served_runs.append(await load(via_http, clients, per_client))
+                            direct_runs.append(await load(direct, clients, per_client))
                         report["levels"][clients] = {
-                            "server": served,
-                            "direct": baseline,
-                            "overhead_p50_ms": served["p50_ms"] - baseline["p50_ms"],
-                            "overhead_p99_ms": served["p99_ms"] - baseline["p99_ms"],
+                            "server": _median_run(served_runs),
+                            "direct": _median_run(direct_runs),
+                            "overhead_p50_ms": statistics.median(
+                                s["p50_ms"] - d["p50_ms"]
+                                for s, d in zip(served_runs, direct_runs, strict=True)
+                            ),
+                            "overhead_p99_ms": statistics.median(
+                                s["p99_ms"] - d["p99_ms"]
+                                for s, d in zip(served_runs, direct_runs, strict=True)
+                            ),
+                            "repeats": args.repeats,
                         }
         finally:
             server.terminate()
@@ -195,6 +213,7 @@ def render(report: dict[str, Any], console: Console) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="1 and 16 clients, fewer requests")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating server/direct runs per level")
     parser.add_argument("--json", metavar="OUT", help="also write every number as JSON to OUT")
     args = parser.parse_args()
     console = Console(width=150)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -62,6 +63,9 @@ class ServerSettings:
     """Most messages in one request."""
     max_budget: Budget = field(default_factory=Budget)
     """The most a request may ask for; a request's ``critloop.budget`` is capped by it."""
+    freeze_heap: bool = True
+    """After start-up, move what is loaded (models, tokenizers, torch) out of the garbage
+    collector's full passes (``gc.freeze()``), which would otherwise stall every request."""
 
 
 class _Message(BaseModel):
@@ -170,6 +174,9 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with solver:
+            if settings.freeze_heap:
+                gc.collect()
+                gc.freeze()
             yield
 
     app = FastAPI(title="critloop", lifespan=lifespan, docs_url=None, redoc_url=None)

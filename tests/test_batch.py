@@ -176,3 +176,35 @@ async def test_a_batch_writes_one_graded_record_per_problem_and_resumes(
     assert len(p0["rounds"]) == 1 and p0["error"] is None and p0["usage"]["critic"]["calls"] > 0
     assert [flagged for _, flagged in p0["critiqued"]] == [False, True, False, False]
     assert broken["error"].startswith("p.jsonl line 6: not valid JSON") and broken["stop_reason"] == "error"
+
+
+async def test_a_real_gsm8k_slice_through_scripted_models_gives_the_hand_computed_summary(  # type: ignore[no-untyped-def]
+    template, pool, tmp_path: Path
+) -> None:
+    """GSM8K's first four golds are 18, 3, 70000, 540. The policy always answers 15, the critic
+    flags that step, the rewrite answers 18. By hand: first attempts 0/4 right; after the one
+    round 1/4 (only the gold 18); one flip wrong -> right; every problem passes in one round."""
+    from critloop.graphs.report import summarize
+
+    problems, bad = load_problems(shared("gsm8k_test.jsonl", tmp_path, 4))
+    writer = CompletionWriter(
+        policy_script(rewrite="Then 2 + 12 = 18.", continuation=["The answer is $\\boxed{18}$."]),
+        template,
+        SamplingParams(max_tokens=128),
+    )
+    policy = Policy(writer)
+    critic_model = critic_by_content(lambda step: "= 15" in step or "{15}" in step)
+    critic = GenPRMCritic(critic_model, template, pool, CriticConfig(profile="genprm", samples=1))
+    ctx = RefineContext(
+        policy=policy, refiner=Refiner(writer, policy), critic=critic, budget=Budget(max_rounds=1)
+    )
+    out = tmp_path / "results.jsonl"
+    await run_batch(build_refine_graph(), ctx, problems, out, concurrency=4, bad=bad)
+    summary = summarize(ResultsFile(out).records())
+    assert [p.gold for p in problems] == ["18", "3", "70000", "540"]
+    assert summary.n == 4 and summary.errors == 0
+    assert summary.accuracy_initial == 0.0 and summary.accuracy_final == 0.25
+    assert summary.accuracy_by_round == [0.0, 0.25]
+    assert (summary.flips_wrong_to_right, summary.flips_right_to_wrong) == (1, 0)
+    assert summary.stop_reasons == {"all_steps_pass": 4}
+    assert summary.rounds_mean == 1.0
