@@ -158,7 +158,7 @@ class SolveResult(BaseModel):
             step_rewards=state.get("step_rewards") or [],
             rounds=state.get("rounds") or [],
             stop_reason=state.get("stop_reason") or "error",
-            error=state.get("error"),
+            error=state.get("error") or (None if state.get("stop_reason") else "the run ended unfinished"),
             last_report=state.get("report"),
             usage=Usage.model_validate(state.get("usage") or {}),
             seconds=state.get("seconds", 0.0),
@@ -441,11 +441,13 @@ async def stream_refine(
         saved = await graph.aget_state(config)
         if saved.values and saved.values.get("problem") not in (None, problem):
             raise ConfigError(f"thread {thread_id!r} belongs to another problem")
-        if saved.values and not saved.next:  # finished before: its result, no model call
+        if saved.values.get("final_steps") is not None and not saved.next:
+            # Finished before: its result, without any model call.
             yield {"event": "done", "result": SolveResult.from_state(saved.values)}
             return
         if saved.next:
             graph_input = None  # resume from the last finished node
+        # Else nothing usable was saved (a kill before the first node finished): start over.
     state: dict[str, Any] = {}
     try:
         async for mode, chunk in graph.astream(
