@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +86,7 @@ def load_problems(
     """
     path = Path(source)
     if not path.exists():
-        raise ConfigError(
-            f"{source}: no such file (datasets are JSONL, JSON or CSV files; for a hub dataset, "
-            "download it first, e.g. with `huggingface-cli download --repo-type dataset`)"
-        )
+        path = _from_hub(str(source))
     rows = list(_rows(path))
     if shuffle:
         random.Random(seed).shuffle(rows)
@@ -119,6 +117,50 @@ def load_problems(
         seen.add(pid)
         problems.append(Problem(id=pid, problem=text.strip(), gold=_gold(row, fields.answer), line=line))
     return problems, bad
+
+
+_HUB_ID = re.compile(r"^(?:hf://)?([\w.-]+/[\w.-]+)(?::(.+))?$")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def _from_hub(source: str) -> Path:
+    """A data file of a Hugging Face hub dataset: ``owner/name`` (its one JSONL/JSON/CSV file, or
+    the one whose path holds ``test``) or ``owner/name:path/in/repo.jsonl``; from the local hub
+    cache when offline (``HF_HUB_OFFLINE=1``)."""
+    match = _HUB_ID.match(source)
+    if match is None or source.startswith((".", "/")):
+        raise ConfigError(
+            f"{source}: no such file (give a JSONL, JSON or CSV file, or a hub dataset id such as "
+            "openai/gsm8k or owner/name:path/in/repo.jsonl)"
+        )
+    repo, wanted = match.groups()
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        folder = Path(
+            snapshot_download(
+                repo,
+                repo_type="dataset",
+                allow_patterns=[wanted] if wanted else [f"*{s}" for s in DATA_SUFFIXES],
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{source}: not a file here, and the hub dataset {repo!r} could not be fetched "
+            f"({type(exc).__name__}: {exc}); download its data file and give its path"
+        ) from None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if wanted:
+        files = [p for p in files if p.relative_to(folder).as_posix() == wanted]
+    elif len(files) > 1:
+        files = [p for p in files if "test" in p.relative_to(folder).as_posix()] or files
+    if len(files) != 1:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in files) or "none"
+        raise ConfigError(
+            f"{source}: pick one data file of the dataset as {repo}:PATH (JSONL/JSON/CSV: {names})"
+        )
+    return files[0]
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any] | str]]:

@@ -208,3 +208,27 @@ async def test_a_real_gsm8k_slice_through_scripted_models_gives_the_hand_compute
     assert (summary.flips_wrong_to_right, summary.flips_right_to_wrong) == (1, 0)
     assert summary.stop_reasons == {"all_steps_pass": 4}
     assert summary.rounds_mean == 1.0
+
+
+def test_a_hub_dataset_id_loads_from_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub is reachable here: an offline cache laid out as huggingface_hub writes it stands in."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "datasets--acme--tiny-math" / "snapshots" / "0123abcd"
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "data" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    (snapshot / "data" / "train.jsonl").write_text('{"question": "2+2?", "answer": "#### 4"}\n')
+    (snapshot / "README.md").write_text("a dataset card\n")
+    refs = tmp_path / "hub" / "datasets--acme--tiny-math" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    problems, _ = load_problems("acme/tiny-math")
+    assert [(p.problem, p.gold) for p in problems] == [("1+1?", "2")]  # the test split by default
+    problems, _ = load_problems("hf://acme/tiny-math:data/train.jsonl")
+    assert [(p.problem, p.gold) for p in problems] == [("2+2?", "4")]
+    with pytest.raises(ConfigError, match="could not be fetched"):
+        load_problems("acme/not-cached")
+    with pytest.raises(ConfigError, match=r"pick one data file"):
+        load_problems("acme/tiny-math:data/missing.jsonl")
