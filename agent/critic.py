@@ -181,9 +181,10 @@ class _Chain:
         # A session still opening: it opens while the first analysis is generated, off the
         # critical path, and is awaited only when the critique first runs code.
         self.opening: asyncio.Task[Session] | None = None
-        # snapshots[j]: a fork of the session's state after j steps (j = 0: fresh).
-        self.snapshots: list[Session] = []
-        self.released = False
+        # snapshots[j]: a fork of the session's state after j steps; None at j = 0 (a fresh
+        # session opens instead: cheaper than a fork) and after a step no rewind can target
+        # (a fresh session then stands in). Forks are what a batch's sandbox spends most on.
+        self.snapshots: list[Session | None] = []
 
     @property
     def has_sandbox(self) -> bool:
@@ -196,7 +197,7 @@ class _Chain:
         assert self.session is not None
         return self.session
 
-    async def rewind(self, keep: int) -> None:
+    async def rewind(self, keep: int, sandbox: SandboxPool) -> None:
         """Forget everything after ``keep`` steps; the working session restarts from there."""
         del self.critiques[keep:]
         if self.opening is not None:
@@ -206,9 +207,11 @@ class _Chain:
             self.session = None
         if keep < len(self.snapshots):
             for snapshot in self.snapshots[keep + 1 :]:
-                await snapshot.close()
+                if snapshot is not None:
+                    await snapshot.close()
             del self.snapshots[keep + 1 :]
-            self.session = await self.snapshots[keep].fork()
+            base = self.snapshots[keep]
+            self.session = await (base.fork() if base is not None else sandbox.open_session())
 
     async def close(self) -> None:
         if self.opening is not None:
@@ -222,7 +225,6 @@ class _Chain:
     def release(self) -> None:
         """Close without waiting (:meth:`Session.release`); a session still opening is
         released when it arrives."""
-        self.released = True
         if self.opening is not None:
             self.opening.add_done_callback(_release_opened)
             self.opening = None
@@ -520,7 +522,6 @@ class CritiqueRun:
             )
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
-            await asyncio.gather(*(self._snapshot(chain) for chain in self._chains))
             reward = sum(c.reward for c in critiques) / len(critiques)
             verdicts = {v: sum(c.verdict == v for c in critiques) for v in ("yes", "no", "none")}
             step_report = StepReport(
@@ -530,6 +531,10 @@ class CritiqueRun:
                 verdicts=verdicts,
                 chains=tuple(critiques),
             )
+            # A first-error scan stops at a flagged step, and a rewrite starts at that step or
+            # before it: the state after it is never a rewind's target.
+            needed = not (scan == "first_error" and step_report.flagged)
+            await asyncio.gather(*(self._snapshot(chain, needed=needed) for chain in self._chains))
             self._reports.append(step_report)
             if on_step is not None:
                 on_step(step_report)
@@ -549,26 +554,19 @@ class CritiqueRun:
     async def _prepare(self, chain: _Chain, keep: int) -> None:
         """Make the chain's history and sandbox match the first ``keep`` steps."""
         sandbox = self.critic.sandbox
-        if len(chain.critiques) > keep or (chain.session is None and chain.snapshots):
-            await chain.rewind(keep)
+        if sandbox is not None and (
+            len(chain.critiques) > keep or (chain.session is None and chain.snapshots)
+        ):
+            await chain.rewind(keep, sandbox)
         if sandbox is None or self.critic.config.code_rounds == 0 or chain.has_sandbox:
             return
+        if self.keep_snapshots and not chain.snapshots:
+            chain.snapshots.append(None)  # the state after no step: a fresh session
+        chain.opening = asyncio.create_task(sandbox.open_session())
 
-        async def open_fresh() -> Session:
-            session = await sandbox.open_session()
-            if self.keep_snapshots and not chain.snapshots:
-                snapshot = await session.fork()
-                if chain.released:  # released while this was opening: nobody else will
-                    snapshot.release()
-                else:
-                    chain.snapshots.append(snapshot)
-            return session
-
-        chain.opening = asyncio.create_task(open_fresh())
-
-    async def _snapshot(self, chain: _Chain) -> None:
+    async def _snapshot(self, chain: _Chain, *, needed: bool) -> None:
         if self.keep_snapshots and chain.has_sandbox:
-            chain.snapshots.append(await (await chain.ready()).fork())
+            chain.snapshots.append(await (await chain.ready()).fork() if needed else None)
 
 
 def _word_ids(tokenizer: object, word: str) -> set[int]:

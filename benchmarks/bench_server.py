@@ -145,7 +145,8 @@ async def main_async(args: argparse.Namespace, console: Console) -> dict[str, An
                 async def via_http() -> None:
                     response = await http.post("/v1/chat/completions", json=body)
                     response.raise_for_status()
-                    assert response.json()["critloop"]["stop_reason"] == "all_steps_pass"
+                    extension = response.json()["critloop"]
+                    assert extension["stop_reason"] == "all_steps_pass", extension["error"]
 
                 async with Solver.from_config(load_config(config)) as solver:
 
@@ -220,7 +221,8 @@ def main() -> None:
     try:
         report = asyncio.run(main_async(args, console))
     except (RuntimeError, AssertionError, httpx.HTTPError) as exc:
-        console.print(f"[red]failed: {exc}")
+        console.print(f"[red]failed: {type(exc).__name__}: {exc!r}")
+        console.print_exception()
         sys.exit(1)
     render(report, console)
     if args.json:

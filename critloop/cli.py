@@ -918,7 +918,7 @@ def batch(
     """
     from critloop.config import load_config
     from critloop.errors import ConfigError
-    from critloop.graphs.batch import ResultsFile, run_batch
+    from critloop.graphs.batch import ResultsFile, open_checkpointer, run_batch
     from critloop.graphs.refine import build_refine_graph
     from critloop.solver import Solver
 
@@ -935,12 +935,7 @@ def batch(
     done_before = len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
 
     async def run() -> None:
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
-        async with (
-            solver,
-            AsyncSqliteSaver.from_conn_string(str(out.with_suffix(".checkpoints.sqlite"))) as saver,
-        ):
+        async with solver, open_checkpointer(out.with_suffix(".checkpoints.sqlite")) as saver:
             await _load_models(solver)
             gc.freeze()  # what start-up loaded stays out of the collector's full passes
             graph = build_refine_graph(checkpointer=saver)

@@ -321,6 +321,17 @@ async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  
     assert second.usage.calls == len(new_calls)
 
 
+async def test_a_rewritten_first_step_starts_from_a_fresh_sandbox(template, pool) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({1: Plan(verdict="No", code=["leftover = 1\nprint(leftover)"])})
+    async with critic(model, template, pool, samples=2).run(PROBLEM) as run:
+        first = await run.critique(STEPS)
+        assert first.first_error == 0
+        model._script = scripted_genprm({1: Plan(code=["print('leftover' in globals())"])})._script
+        second = await run.critique(["First, 3 * 4 is 12.", *STEPS[1:]])
+    assert [c.code_runs[0].output for c in second.step_reports[0].chains] == ["False", "False"]
+    assert second.all_pass
+
+
 async def test_infrastructure_failures_raise_typed_errors(template, pool) -> None:  # type: ignore[no-untyped-def]
     def down(prompt: str, params: SamplingParams) -> str:
         raise ModelEndpointError("http://127.0.0.1:9/v1/completions: gave up after 5 attempts")
