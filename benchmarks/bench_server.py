@@ -115,7 +115,8 @@ async def main_async(args: argparse.Namespace, console: Console) -> dict[str, An
         config = Path(tmp) / "critloop.toml"
         config.write_text(
             f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'
-            '[sandbox]\nbackend = "docker"\npool_size = 2\n'
+            # 64 runs hold ~200 sandbox sessions at ~8 MB each (after sympy): 4 kernels of 1 GiB.
+            '[sandbox]\nbackend = "docker"\npool_size = 4\nmemory_mb = 1024\n'
         )
         port = _free_port()
         server = subprocess.Popen(
