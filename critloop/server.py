@@ -181,6 +181,7 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
 
     app = FastAPI(title="critloop", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.solver = solver
+    app.state.settings = settings
     app.state.metrics = metrics
 
     def refused(request: Request) -> JSONResponse | None:

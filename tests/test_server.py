@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -244,3 +245,43 @@ async def test_the_readme_openai_client_example_runs_against_critloop_serve(  # 
     printed = out.decode().splitlines()
     assert "\n".join(printed[:-1]) == join_steps(GOOD)
     assert printed[-1].startswith("all_steps_pass [")
+
+
+def test_the_serve_command_wires_config_key_and_limits_and_warns_without_auth(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn as uvicorn_module
+    from typer.testing import CliRunner
+
+    from critloop.cli import app
+
+    served: list[dict[str, Any]] = []
+
+    def fake_run(asgi: Any, **options: Any) -> None:
+        served.append({"app": asgi, **options})
+
+    monkeypatch.setattr(uvicorn_module, "run", fake_run)
+    config = tmp_path / "critloop.toml"
+    config.write_text('[budget]\nmax_rounds = 2\n[sandbox]\nbackend = "local"\n')
+    runner = CliRunner()
+
+    open_door = runner.invoke(app, ["serve", "--config", str(config), "--host", "0.0.0.0", "--port", "9999"])
+    assert open_door.exit_code == 0, open_door.output
+    assert "WARNING: serving on 0.0.0.0 with NO authentication" in open_door.output
+    assert served[-1]["host"] == "0.0.0.0" and served[-1]["port"] == 9999
+
+    monkeypatch.setenv("MY_KEY", "s3cret")
+    args = ["serve", "--config", str(config), "--api-key-env", "MY_KEY", "--max-concurrency", "2"]
+    locked = runner.invoke(app, args)
+    assert locked.exit_code == 0 and "WARNING" not in locked.output
+    state = served[-1]["app"].state
+    assert state.solver.budget.max_rounds == 2
+    assert state.settings.api_key == "s3cret" and state.settings.max_concurrency == 2
+    assert state.settings.max_budget.max_rounds == 2
+
+    missing = runner.invoke(app, ["serve", "--api-key-env", "NOT_SET_ANYWHERE"])
+    assert missing.exit_code == 2 and "NOT_SET_ANYWHERE" in missing.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[budget]\nmax_rounds = -1\n")
+    refused = runner.invoke(app, ["serve", "--config", str(bad)])
+    assert refused.exit_code == 2 and "budget.max_rounds" in refused.output
