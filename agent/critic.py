@@ -197,7 +197,7 @@ class _Chain:
         assert self.session is not None
         return self.session
 
-    async def rewind(self, keep: int, sandbox: SandboxPool) -> None:
+    async def rewind(self, keep: int, sandbox: SandboxPool | None) -> None:
         """Forget everything after ``keep`` steps; the working session restarts from there."""
         del self.critiques[keep:]
         if self.opening is not None:
@@ -211,7 +211,10 @@ class _Chain:
                     await snapshot.close()
             del self.snapshots[keep + 1 :]
             base = self.snapshots[keep]
-            self.session = await (base.fork() if base is not None else sandbox.open_session())
+            if base is not None:
+                self.session = await base.fork()
+            elif sandbox is not None:
+                self.session = await sandbox.open_session()
 
     async def close(self) -> None:
         if self.opening is not None:
@@ -554,9 +557,7 @@ class CritiqueRun:
     async def _prepare(self, chain: _Chain, keep: int) -> None:
         """Make the chain's history and sandbox match the first ``keep`` steps."""
         sandbox = self.critic.sandbox
-        if sandbox is not None and (
-            len(chain.critiques) > keep or (chain.session is None and chain.snapshots)
-        ):
+        if len(chain.critiques) > keep or (chain.session is None and chain.snapshots):
             await chain.rewind(keep, sandbox)
         if sandbox is None or self.critic.config.code_rounds == 0 or chain.has_sandbox:
             return

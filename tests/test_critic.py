@@ -321,6 +321,15 @@ async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  
     assert second.usage.calls == len(new_calls)
 
 
+async def test_recritique_without_a_sandbox_rewinds_the_history(template) -> None:  # type: ignore[no-untyped-def]
+    model = scripted_genprm({2: Plan(verdict="No")})
+    async with critic(model, template, None, samples=2).run(PROBLEM) as run:
+        assert (await run.critique(STEPS)).first_error == 1
+        model._script = scripted_genprm({})._script
+        second = await run.critique([STEPS[0], "Then 2 + 12 = 14.", "The answer is \\boxed{14}."])
+    assert second.all_pass and second.step_reports[0].reused
+
+
 async def test_a_rewritten_first_step_starts_from_a_fresh_sandbox(template, pool) -> None:  # type: ignore[no-untyped-def]
     model = scripted_genprm({1: Plan(verdict="No", code=["leftover = 1\nprint(leftover)"])})
     async with critic(model, template, pool, samples=2).run(PROBLEM) as run:

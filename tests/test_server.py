@@ -201,7 +201,9 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_it
         async with httpx.AsyncClient(base_url=base) as http:
             body = {"model": "critloop", "messages": USER, "stream": True}
             async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                async for line in response.aiter_lines():
+                # Keep the iterator: a dropped one is finalized, which closes the connection.
+                lines = response.aiter_lines()
+                async for line in lines:
                     if "reasoning_content" in line:
                         break  # the first progress chunk: the run is under way
                 await gate.entered.wait()
