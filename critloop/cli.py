@@ -894,6 +894,42 @@ def _finish_report(out: Path, title: str) -> None:
     console.print(f"report: {paths.markdown}  plots: {paths.accuracy_plot}, {paths.rewards_plot}")
 
 
+def _solver_for(config: Path | None, overrides: dict[str, Any]) -> tuple[CritloopConfig, Solver]:
+    """The config (file and flags) and its solver; bad configuration exits 2, a failure 1."""
+    from critloop.config import load_config
+    from critloop.errors import ConfigError
+    from critloop.solver import Solver
+
+    try:
+        cfg = load_config(config, overrides)
+        return cfg, Solver.from_config(cfg)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _results_so_far(out: Path, resume: bool) -> int:
+    """How many problems ``out`` holds already (0 without --resume, where it must be empty)."""
+    from critloop.graphs.batch import ResultsFile
+
+    if out.exists() and out.stat().st_size and not resume:
+        raise _fail(f"{out} already holds results: pass --resume to continue it, or choose another --out", 2)
+    return len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
+
+
+def _run(main: Any) -> None:
+    """``asyncio.run(main)``; bad configuration found on the way exits 2, a failure 1."""
+    from critloop.errors import ConfigError
+
+    try:
+        asyncio.run(main)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    except CritloopError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command("batch")
 def batch(
     data: Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")],
@@ -916,23 +952,12 @@ def batch(
     from their checkpoints (``OUT.checkpoints.sqlite``) with ``--resume``. At the end the summary
     is printed and ``OUT``'s report (Markdown and PNG plots) is written next to it.
     """
-    from critloop.config import load_config
-    from critloop.errors import ConfigError
-    from critloop.graphs.batch import ResultsFile, open_checkpointer, run_batch
+    from critloop.graphs.batch import open_checkpointer, run_batch
     from critloop.graphs.refine import build_refine_graph
-    from critloop.solver import Solver
 
     problems, bad = _load_dataset(data, limit, shuffle, seed, (problem_field, answer_field, id_field))
-    try:
-        cfg = load_config(config, {"critic.samples": samples, "budget.max_rounds": max_rounds})
-        solver = Solver.from_config(cfg)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except CritloopError as exc:
-        raise _fail(str(exc)) from None
-    if out.exists() and out.stat().st_size and not resume:
-        raise _fail(f"{out} already holds results: pass --resume to continue it, or choose another --out", 2)
-    done_before = len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
+    _, solver = _solver_for(config, {"critic.samples": samples, "budget.max_rounds": max_rounds})
+    done_before = _results_so_far(out, resume)
 
     async def run() -> None:
         async with solver, open_checkpointer(out.with_suffix(".checkpoints.sqlite")) as saver:
@@ -951,12 +976,7 @@ def batch(
                     on_record=progress.record,
                 )
 
-    try:
-        asyncio.run(run())
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except CritloopError as exc:
-        raise _fail(str(exc)) from None
+    _run(run())
     _finish_report(out, f"refine loop: {data.name}")
 
 
@@ -984,24 +1004,14 @@ def bon(
     Every step of every sample is scored by the critic; the sample with the best aggregation of
     its step rewards is graded, next to the first sample alone and the answers' majority vote.
     """
-    from critloop.config import load_config
-    from critloop.errors import ConfigError
     from critloop.graphs.batch import ResultsFile
     from critloop.graphs.bon import run_best_of_n
-    from critloop.solver import Solver
 
     if aggregation not in ("min", "last", "mean", "product"):
         raise _fail(f"--aggregation must be min, last, mean or product, not {aggregation!r}", 2)
     problems, bad = _load_dataset(data, limit, shuffle, seed, (problem_field, answer_field, id_field))
-    try:
-        solver = Solver.from_config(load_config(config, {"critic.samples": samples}))
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except CritloopError as exc:
-        raise _fail(str(exc)) from None
-    if out.exists() and out.stat().st_size and not resume:
-        raise _fail(f"{out} already holds results: pass --resume to continue it, or choose another --out", 2)
-    done_before = len({r.get("id") for r in ResultsFile(out).records()}) if resume else 0
+    _, solver = _solver_for(config, {"critic.samples": samples})
+    done_before = _results_so_far(out, resume)
 
     async def run() -> None:
         async with solver:
@@ -1021,12 +1031,7 @@ def bon(
                     on_record=progress.record,
                 )
 
-    try:
-        asyncio.run(run())
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except CritloopError as exc:
-        raise _fail(str(exc)) from None
+    _run(run())
     _finish_report(out, f"best-of-{n} ({aggregation}): {data.name}")
     records = ResultsFile(out).records()
     if records:
@@ -1091,23 +1096,14 @@ def serve(
 
     import uvicorn
 
-    from critloop.config import load_config
-    from critloop.errors import ConfigError
     from critloop.server import ServerSettings, create_app
-    from critloop.solver import Solver
 
     api_key = None
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise _fail(f"--api-key-env names {api_key_env!r}, but that variable is not set", 2)
-    try:
-        cfg = load_config(config)
-        solver = Solver.from_config(cfg)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except CritloopError as exc:
-        raise _fail(str(exc)) from None
+    cfg, solver = _solver_for(config, {})
     if api_key is None and host not in _LOOPBACK:
         err.print(
             Text(
