@@ -1,6 +1,7 @@
 """A tour of the critloop sandbox: what the GenPRM critic does with it, step by step.
 
-Run with `make demo` (or `python examples/sandbox_demo.py` after `critloop sandbox build`).
+Run with `.venv/bin/python examples/sandbox_demo.py` after `critloop sandbox build` (`make demo`
+runs the whole refine loop instead).
 """
 
 from __future__ import annotations
