@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.embedded import CachedModel, fetch_model
 from critloop.tools.local_engine import TransformersEngine
 from critloop.tools.openai_client import OpenAICompletionModel
@@ -93,3 +94,9 @@ async def llama_client(llama_server: str) -> AsyncIterator[OpenAICompletionModel
     client = OpenAICompletionModel(llama_server, "smollm2", timeout_seconds=120)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def template(embedded: CachedModel) -> ChatTemplate:
+    """The embedded model's chat template (its tokenizer), for scripted-model tests."""
+    return ChatTemplate.from_pretrained(str(embedded.path))

@@ -19,7 +19,6 @@ from critloop.graphs.refine import RefineContext, build_refine_graph
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-from critloop.tools.embedded import CachedModel
 from critloop.tools.grading import grade
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems"
@@ -114,11 +113,6 @@ def test_a_torn_last_line_is_cut_and_finished_records_stay(tmp_path: Path) -> No
     assert [r["id"] for r in results.records()] == ["a", "b"]
     results.repair()
     assert out.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from critloop.graphs.bon import aggregate, best_of_n_record, majority_answer, ru
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-from critloop.tools.embedded import CachedModel
 from critloop.tools.fakes import ScriptedCompletionModel
 
 BAD_AGAIN = ["First, 3 * 4 = 12.", "So 2 + 12 = 15 here.", "Hence $\\boxed{15}$."]
@@ -55,11 +54,6 @@ def test_majority_by_exact_answer_ties_to_the_earliest_and_none_does_not_vote() 
 
 
 # --------------------------------------------------------------------------- scripted roles
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,6 @@ import pytest
 
 from critloop.errors import ConfigError
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.embedded import CachedModel
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
-
 
 CONVERSATION = [
     {"role": "system", "content": "You are a math teacher."},

@@ -221,11 +221,6 @@ def scripted_critic(*, down: bool = False) -> ScriptedCompletionModel:
     return ScriptedCompletionModel(respond, alternatives=DECISIONS)
 
 
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
-
-
 @pytest.fixture
 def scripted(template: ChatTemplate, monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """`critloop solve` runs on scripted models (no sandbox: the critic does not write code).

@@ -16,18 +16,12 @@ from critloop.errors import ModelEndpointError
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-from critloop.tools.embedded import CachedModel
 from critloop.tools.fakes import ScriptedCompletionModel, scripted_tokens
 
 PROBLEM = "What is 2 + 3 * 4?"
 STEPS = ["First, 3 * 4 = 12.", "Then 2 + 12 = 15.", "The answer is \\boxed{15}."]
 YES = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4))
 NO = math.exp(-1.8) / (math.exp(-1.8) + math.exp(-0.2))
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,6 @@ NODES = {"__start__", "policy", "critic", "refine", "finalize", "__end__"}
 
 
 @pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
-
-
-@pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[SandboxPool]:
     async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
         yield sandbox

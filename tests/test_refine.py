@@ -18,13 +18,7 @@ from critloop.errors import ModelEndpointError
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionResult, SamplingParams
-from critloop.tools.embedded import CachedModel
 from critloop.tools.fakes import ScriptedCompletionModel
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,6 @@ from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.server import ServerSettings, create_app
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-from critloop.tools.embedded import CachedModel
-
-
-@pytest.fixture(scope="module")
-def template(embedded: CachedModel) -> ChatTemplate:
-    return ChatTemplate.from_pretrained(str(embedded.path))
 
 
 @pytest.fixture(scope="module")
