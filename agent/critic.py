@@ -183,8 +183,12 @@ class _Chain:
         self.opening: asyncio.Task[Session] | None = None
         # snapshots[j]: a fork of the session's state after j steps; None at j = 0 (a fresh
         # session opens instead: cheaper than a fork) and after a step no rewind can target
-        # (a fresh session then stands in). Forks are what a batch's sandbox spends most on.
+        # (a fresh session then stands in). Forks are what a batch's sandbox spends most on,
+        # so they are taken lazily: ``unforked`` holds the indices of snapshots the working
+        # session itself still stands for (it has run no code since), forked only before the
+        # session next runs code: never after the last step, nor for steps without code.
         self.snapshots: list[Session | None] = []
+        self.unforked: list[int] = []
 
     @property
     def has_sandbox(self) -> bool:
@@ -197,9 +201,28 @@ class _Chain:
         assert self.session is not None
         return self.session
 
+    def snapshot(self) -> None:
+        """Mark the working session's current state as the state after the latest step."""
+        self.unforked.append(len(self.snapshots))
+        self.snapshots.append(None)
+
+    async def before_exec(self) -> Session:
+        """The working session, once the snapshot it still stands for (if any) is forked."""
+        session = await self.ready()
+        while self.unforked:
+            self.snapshots[self.unforked[0]] = await session.fork()
+            del self.unforked[0]
+        return session
+
     async def rewind(self, keep: int, sandbox: SandboxPool | None) -> None:
         """Forget everything after ``keep`` steps; the working session restarts from there."""
         del self.critiques[keep:]
+        if keep in self.unforked:
+            # The working session has run no code since that step: it is the state wanted.
+            del self.snapshots[keep + 1 :]
+            self.unforked = [j for j in self.unforked if j <= keep]
+            return
+        self.unforked = []
         if self.opening is not None:
             await self.ready()
         if self.session is not None:
@@ -223,7 +246,7 @@ class _Chain:
         for session in [self.session, *self.snapshots]:
             if session is not None:
                 await session.close()
-        self.session, self.snapshots = None, []
+        self.session, self.snapshots, self.unforked = None, [], []
 
     def release(self) -> None:
         """Close without waiting (:meth:`Session.release`); a session still opening is
@@ -234,7 +257,7 @@ class _Chain:
         for session in [self.session, *self.snapshots]:
             if session is not None:
                 session.release()
-        self.session, self.snapshots = None, []
+        self.session, self.snapshots, self.unforked = None, [], []
 
 
 def _release_opened(task: asyncio.Task[Session]) -> None:
@@ -363,7 +386,6 @@ class GenPRMCritic:
             text += choice.text
             finished = True
         elif analysis.stop == ANALYZE_STOP:
-            session = await chain.ready()
             text += insert(VERIFY_PREFIX)
             for _round in range(cfg.code_rounds):
                 left = cfg.max_critique_tokens - spent
@@ -382,7 +404,7 @@ class GenPRMCritic:
                     # The model ended (end of sequence or length) without closing its judgement.
                     finished = choice.finish_reason == "stop" and find_verdict(text)[0] != "none"
                     break
-                run = await self._run_code(text, session)
+                run = await self._run_code(text, chain)
                 code_runs.append(run)
                 text += insert(CODE_OUTPUT.format(output=run.output))
         forced = not finished
@@ -407,11 +429,12 @@ class GenPRMCritic:
             usage=ModelUsage(**usage, seconds=time.perf_counter() - started),
         )
 
-    async def _run_code(self, critique: str, session: Session) -> CodeRun:
+    async def _run_code(self, critique: str, chain: _Chain) -> CodeRun:
         blocks = _CODE_BLOCK.findall(critique)
         if not blocks or not blocks[-1].strip():
             return CodeRun(code="", output=CODE_MISSING, status="missing")
         code = blocks[-1].strip()
+        session = await chain.before_exec()
         result = await session.exec(code, timeout=self.config.code_timeout_seconds)
         output = result.stdout.strip()
         if result.status == "timeout":
@@ -537,7 +560,8 @@ class CritiqueRun:
             # A first-error scan stops at a flagged step, and a rewrite starts at that step or
             # before it: the state after it is never a rewind's target.
             needed = not (scan == "first_error" and step_report.flagged)
-            await asyncio.gather(*(self._snapshot(chain, needed=needed) for chain in self._chains))
+            for chain in self._chains:
+                self._snapshot(chain, needed=needed)
             self._reports.append(step_report)
             if on_step is not None:
                 on_step(step_report)
@@ -565,9 +589,12 @@ class CritiqueRun:
             chain.snapshots.append(None)  # the state after no step: a fresh session
         chain.opening = asyncio.create_task(sandbox.open_session())
 
-    async def _snapshot(self, chain: _Chain, *, needed: bool) -> None:
+    def _snapshot(self, chain: _Chain, *, needed: bool) -> None:
         if self.keep_snapshots and chain.has_sandbox:
-            chain.snapshots.append(await (await chain.ready()).fork() if needed else None)
+            if needed:
+                chain.snapshot()
+            else:
+                chain.snapshots.append(None)
 
 
 def _word_ids(tokenizer: object, word: str) -> set[int]:

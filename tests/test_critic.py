@@ -315,6 +315,27 @@ async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  
     assert second.usage.calls == len(new_calls)
 
 
+async def test_snapshots_are_forked_only_before_the_session_runs_more_code(template, pool) -> None:  # type: ignore[no-untyped-def]
+    # A fork per passed step would hold 1 + 3 sessions here; the state after the last step is
+    # still the working session's own, so only the snapshots after steps 1 and 2 are forks.
+    model = scripted_genprm({1: Plan(code=["a = 5\nprint(a)"]), 3: Plan(code=["b = a * 2\nprint(b)"])})
+    await pool.settle()
+    before = pool.status().sessions
+    async with critic(model, template, pool).run(PROBLEM) as run:
+        first = await run.critique(STEPS, scan="all")
+        assert first.all_pass
+        assert pool.status().sessions - before == 3
+        # A step appended after the last one goes on in the working session itself; its code
+        # is what makes the snapshot after step 3 a fork (and the one after step 4 is not).
+        model._script = scripted_genprm({4: Plan(code=["print(a + b)"])})._script
+        second = await run.critique([*STEPS, "Check: 5 + 10 = 15."], scan="all")
+        assert pool.status().sessions - before == 4
+    assert [r.reused for r in second.step_reports] == [True, True, True, False]
+    assert second.step_reports[3].chains[0].code_runs[0].output == "15"
+    await pool.settle()
+    assert pool.status().sessions == before
+
+
 async def test_recritique_without_a_sandbox_rewinds_the_history(template) -> None:  # type: ignore[no-untyped-def]
     model = scripted_genprm({2: Plan(verdict="No")})
     async with critic(model, template, None, samples=2).run(PROBLEM) as run:
