@@ -58,6 +58,42 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
+_MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25
+_HUGE = 1 << 21
+
+
+def _collapse_heap() -> int:
+    """Back the template's heap with transparent huge pages where the host allows it.
+
+    Every session is a fork of the template, and a fork copies (and an exit tears down) one
+    page-table entry per 4 KiB page mapped: with the heap in 2 MiB pages, a fork of the
+    sympy-laden template costs a fraction of that. Best effort: returns the bytes collapsed
+    (0 on kernels before Linux 6.1, or with transparent huge pages off)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except Exception:  # noqa: BLE001
+        return 0
+    collapsed = 0
+    for line in maps:
+        fields = line.split()
+        # Private anonymous read-write memory only: the heap and the allocator's arenas.
+        if not fields[1].startswith("rw") or (len(fields) > 5 and fields[5] != "[heap]"):
+            continue
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        low, high = (low + _HUGE - 1) & ~(_HUGE - 1), high & ~(_HUGE - 1)
+        if high > low:
+            libc.madvise(low, high - low, _MADV_HUGEPAGE)
+            if libc.madvise(low, high - low, _MADV_COLLAPSE) == 0:
+                collapsed += high - low
+    return collapsed
+
+
 def _send_frame(sock: socket.socket, payload: dict, fds: list[int] | None = None) -> None:
     body = json.dumps(payload).encode()
     header = HEADER.pack(len(body))
@@ -463,10 +499,11 @@ class _Session:
 
 
 class Supervisor:
-    def __init__(self, proto_in: int, proto_out: int, modules: list[str]) -> None:
+    def __init__(self, proto_in: int, proto_out: int, modules: list[str], huge_bytes: int = 0) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.modules = modules
+        self.huge_bytes = huge_bytes
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[str, _Session] = {}
         self.by_fd: dict[int, _Session] = {}
@@ -616,6 +653,7 @@ class Supervisor:
             "protocol": PROTOCOL_VERSION,
             "python": sys.version.split()[0],
             "modules": self.modules,
+            "template_huge_pages_mb": self.huge_bytes >> 20,
             "sessions": sorted(self.sessions),
             "processes": len(_descendants(os.getpid())),
             "disk": disk,
@@ -1032,8 +1070,13 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     modules = _preimport()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # what the template holds stays out of every session's collections (and pages)
+    huge = _collapse_heap()
     try:
-        Supervisor(proto_in, proto_out, modules).run()
+        Supervisor(proto_in, proto_out, modules, huge).run()
     except KeyboardInterrupt:
         pass
 

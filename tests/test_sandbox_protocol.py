@@ -32,6 +32,33 @@ async def test_math_libraries_are_preimported(pool: SandboxPool) -> None:
         assert result.stdout == "True\n(x - 1)*(x + 1) 3\n"
 
 
+def _host_collapses_huge_pages() -> bool:
+    """Whether this host lets a process collapse its heap into huge pages (Linux >= 6.1, THP on)."""
+    import os
+    import platform
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            enabled = "[never]" not in f.read()
+    except OSError:
+        return False
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return enabled and (major, minor) >= (6, 1) and os.path.exists("/proc/self/smaps_rollup")
+
+
+async def test_sessions_fork_from_a_frozen_template(pool: SandboxPool) -> None:
+    # Sessions are forks of the template: its objects are frozen out of the collector, so a
+    # session's collections never touch (and copy) the template's pages.
+    async with await pool.open_session() as session:
+        frozen = await session.exec("import gc\nprint(gc.get_freeze_count() > 10000)")
+    assert frozen.stdout == "True\n"
+    huge = [kernel["template_huge_pages_mb"] for kernel in await pool.ping()]
+    if _host_collapses_huge_pages():
+        assert all(mb >= 2 for mb in huge), huge  # the heap is (partly) in 2 MiB pages
+    else:
+        assert all(mb >= 0 for mb in huge)
+
+
 async def test_output_is_captured_at_file_descriptor_level(pool: SandboxPool) -> None:
     async with await pool.open_session() as session:
         code = (
