@@ -187,8 +187,9 @@ def _scan_children() -> dict[int, list[int]]:
     return children
 
 
-def _descendants(root: int) -> list[int]:
-    """All live descendants of ``root`` (by parent links in /proc), deepest last."""
+def _descendants(root: int, keep: frozenset[int] = frozenset()) -> list[int]:
+    """All live descendants of ``root`` (by parent links in /proc), deepest last, leaving out
+    the processes in ``keep`` and everything below them."""
     if _HAS_CHILDREN_FILES:
         children_of = _children_of
     else:
@@ -198,17 +199,19 @@ def _descendants(root: int) -> list[int]:
     while queue:
         pid = queue.pop()
         for child in children_of(pid):
-            found.append(child)
-            queue.append(child)
+            if child not in keep:
+                found.append(child)
+                queue.append(child)
     return found
 
 
-def _kill_tree(root: int) -> None:
+def _kill_tree(root: int, keep: frozenset[int] = frozenset()) -> None:
     """Stop the whole process tree first (so nothing forks away), SIGKILL it, and wait (briefly)
-    until the processes are gone, so a caller told "closed" finds them gone."""
+    until the processes are gone, so a caller told "closed" finds them gone. The subtrees of the
+    processes in ``keep`` (other sessions: a fork is a child of its parent session) live on."""
     stopped: set[int] = set()
     for _ in range(50):
-        tree = [root, *_descendants(root)]
+        tree = [root, *_descendants(root, keep)]
         fresh = [pid for pid in tree if pid not in stopped]
         if not fresh:
             break
@@ -270,17 +273,16 @@ class _Worker:
         if self.in_user_code:
             raise KeyboardInterrupt
 
-    def setup(self, parent: int | None = None) -> None:
+    def setup(self, clone: bool = False) -> None:
         os.setpgid(0, 0)
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, self._on_sigint)
-        if parent is not None:
-            # A clone starts as the grandchild of a short-lived process: arm the death signal
-            # only once it has been re-parented to the supervisor.
-            while os.getppid() == parent:
-                time.sleep(0.0002)
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if not clone:
+            # A clone is the child of the session it copies and must outlive it: it has no
+            # death signal. If the supervisor dies, the container (or bubblewrap's pid
+            # namespace) goes with it, and an idle clone exits at the end of its channel.
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         try:
             os.nice(10)  # a CPU-hungry session must not starve the supervisor of its deadlines
         except OSError:
@@ -423,23 +425,18 @@ class _Worker:
             pass
 
     def fork(self, new_dir: str, new_sock_fd: int) -> dict:
-        # Reparent the clone to the supervisor, not to this worker: the subreaper flag is off
-        # while we double-fork, so closing this session never kills its clone.
-        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+        # One fork: the clone stays this worker's child (the supervisor's tree walks step
+        # around registered sessions), and goes to the supervisor, a subreaper, when this
+        # session is closed. A double fork to re-parent it at once costs a second copy and
+        # tear-down of the page tables, the largest cost of a snapshot.
         try:
-            middle = os.fork()
-            if middle == 0:
-                middle = os.getpid()
-                if os.fork() == 0:
-                    self._become_clone(new_dir, new_sock_fd, middle)
-                os._exit(0)
-            os.waitpid(middle, 0)
+            if os.fork() == 0:
+                self._become_clone(new_dir, new_sock_fd)
         finally:
-            _prctl(_PR_SET_CHILD_SUBREAPER, 1)
             os.close(new_sock_fd)
         return {"status": "ok"}
 
-    def _become_clone(self, new_dir: str, new_sock_fd: int, middle: int) -> None:
+    def _become_clone(self, new_dir: str, new_sock_fd: int) -> None:
         try:
             self.sock.close()
             self.sock = socket.socket(fileno=new_sock_fd)
@@ -450,7 +447,7 @@ class _Worker:
             except OSError:
                 pass
             self.session_dir = new_dir
-            self.setup(parent=middle)
+            self.setup(clone=True)
             self.serve()
         finally:
             os._exit(0)
@@ -802,7 +799,7 @@ class Supervisor:
         # Kill before closing the channel: a worker that sees the channel close exits at once,
         # and its children would be re-parented out of reach of the tree walk.
         if session.pid:
-            _kill_tree(session.pid)
+            _kill_tree(session.pid, self._other_sessions(session))
         self._unregister(session)
         self._kill_strays()
         if session.pending is not None:
@@ -905,7 +902,7 @@ class Supervisor:
         cause = why or self._exit_cause(session.pid)
         self._unregister(session)
         if session.pid:
-            _kill_tree(session.pid)
+            _kill_tree(session.pid, self._other_sessions(session))
         self._kill_strays()  # orphans of a worker that died first are our children now
         self._reap()  # killed processes are zombies that still count against the pids limit
         shutil.rmtree(session.session_dir, ignore_errors=True)
@@ -972,14 +969,18 @@ class Supervisor:
             return f"killed by {name}{hint}"
         return f"exit code {os.WEXITSTATUS(code)}"
 
+    def _other_sessions(self, session: _Session) -> frozenset[int]:
+        """Worker pids of every session but this one (forks live in their parent's tree)."""
+        return frozenset(s.pid for s in self.sessions.values() if s.pid and s is not session)
+
     def _kill_strays(self) -> None:
         """Kill our direct children that belong to no session (orphans of dead workers)."""
         if self.forks:
             return  # a clone's pid is not known yet: it must not be mistaken for a stray
-        known = {s.pid for s in self.sessions.values()}
+        known = frozenset(s.pid for s in self.sessions.values())
         for pid in _children_of(os.getpid()):
             if pid not in known:
-                _kill_tree(pid)
+                _kill_tree(pid, known)
 
     # ---- output pipes
 

@@ -109,12 +109,45 @@ async def test_fork_copies_state_and_the_copies_diverge(pool: SandboxPool) -> No
 
 
 async def test_a_fork_outlives_its_parent(pool: SandboxPool) -> None:
+    before = sum(k["processes"] for k in await pool.ping())
     parent = await pool.open_session()
-    await parent.exec("z = 'snapshot'")
+    await parent.exec("import subprocess\nz = 'snapshot'\nmine = subprocess.Popen(['sleep', '60'])")
     clone = await parent.fork()
+    # The clone is the parent's own child process: closing the parent kills the parent's
+    # processes, never the clone's.
     await parent.close()
     assert (await clone.exec("print(z)")).stdout == "snapshot\n"
+    await clone.exec("import subprocess\ntheirs = subprocess.Popen(['sleep', '60'])")
+    assert sum(k["processes"] for k in await pool.ping()) == before + 2
     await clone.close()
+    assert sum(k["processes"] for k in await pool.ping()) == before
+
+
+async def test_a_fork_outlives_its_parent_killed_at_a_deadline(pool: SandboxPool) -> None:
+    async with await pool.open_session() as parent:
+        await parent.exec("z = 'snapshot'")
+        async with await parent.fork() as clone:
+            # A run that ignores the interrupt is killed with its worker (and the session
+            # replaced by a fresh one); the clone below that worker lives on.
+            hung = await parent.exec(
+                "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(30)",
+                timeout=0.2,
+            )
+            assert hung.status == "timeout" and not hung.state_survived
+            assert (await clone.exec("print(z)")).stdout == "snapshot\n"
+
+
+async def test_closing_a_fork_leaves_its_parent_working(pool: SandboxPool) -> None:
+    before = sum(k["processes"] for k in await pool.ping())
+    async with await pool.open_session() as parent:
+        await parent.exec("z = 1")
+        for i in range(3):
+            clone = await parent.fork()
+            await clone.exec(f"z = {i + 10}")
+            await clone.close()
+        assert (await parent.exec("print(z)")).stdout == "1\n"
+        assert sum(k["processes"] for k in await pool.ping()) == before + 1
+    assert sum(k["processes"] for k in await pool.ping()) == before
 
 
 async def test_reset_clears_variables_and_files(pool: SandboxPool) -> None:
