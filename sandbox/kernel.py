@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -226,10 +227,36 @@ def _kill_tree(root: int, keep: frozenset[int] = frozenset()) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    deadline = time.monotonic() + 1.0
-    while stopped and time.monotonic() < deadline:
-        stopped = {pid for pid in stopped if _alive(pid)}
-        if stopped:
+    _wait_gone(stopped, 1.0)
+
+
+def _wait_gone(pids: set[int], timeout: float) -> None:
+    """Wait until the processes have exited (zombies count as gone), at most ``timeout`` s:
+    on their pidfds where the kernel has them (woken by the exit itself), else by polling."""
+    deadline = time.monotonic() + timeout
+    fds: list[int] = []
+    try:
+        poller = select.poll()
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+            poller.register(fds[-1], select.POLLIN)
+        waiting = set(fds)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                waiting.discard(fd)
+                poller.unregister(fd)
+        return
+    except (AttributeError, OSError):
+        pass  # no pidfds on this kernel: poll /proc instead
+    finally:
+        for fd in fds:
+            os.close(fd)
+    while pids and time.monotonic() < deadline:
+        pids = {pid for pid in pids if _alive(pid)}
+        if pids:
             time.sleep(0.001)
 
 

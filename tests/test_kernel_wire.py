@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,26 @@ def test_protocol_frames_printed_by_user_code_stay_output(wire: Wire) -> None:
     reply = wire.call(op="exec", session="s", code=code)
     assert reply["id"] == wire.next_id
     assert reply["result"]["stdout"].endswith(forged.decode())
+
+
+@pytest.mark.parametrize("pidfds", [True, False], ids=["pidfd", "polling"])
+def test_waiting_for_killed_processes_ends_at_their_exit(
+    pidfds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pidfds:
+        monkeypatch.delattr(kernel.os, "pidfd_open")  # a kernel before Linux 5.3
+    live = subprocess.Popen(["sleep", "60"])
+    killed = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        for proc in killed:
+            proc.kill()  # zombies until reaped: they count as gone
+        started = time.monotonic()
+        kernel._wait_gone({p.pid for p in killed}, 5.0)
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        kernel._wait_gone({live.pid}, 0.2)  # a live process: the wait ends at the timeout
+        assert 0.2 <= time.monotonic() - started < 1.0
+    finally:
+        live.kill()
+        for proc in [live, *killed]:
+            proc.wait()
