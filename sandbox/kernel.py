@@ -158,10 +158,10 @@ def _live(pids: list[int]) -> list[int]:
     return found
 
 
-def _children_of(pid: int) -> list[int]:
-    """Live (non-zombie) children of ``pid``."""
+def _children_of(pid: int, known: frozenset[int] = frozenset()) -> list[int]:
+    """Live (non-zombie) children of ``pid``, leaving out those in ``known`` (unchecked)."""
     if not _HAS_CHILDREN_FILES:
-        return _scan_children().get(pid, [])
+        return [child for child in _scan_children().get(pid, []) if child not in known]
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -173,7 +173,7 @@ def _children_of(pid: int) -> list[int]:
                 pids.extend(int(child) for child in f.read().split())
         except OSError:
             continue  # the thread exited meanwhile
-    return _live(pids)
+    return _live([child for child in pids if child not in known])
 
 
 def _scan_children() -> dict[int, list[int]]:
@@ -191,18 +191,16 @@ def _scan_children() -> dict[int, list[int]]:
 def _descendants(root: int, keep: frozenset[int] = frozenset()) -> list[int]:
     """All live descendants of ``root`` (by parent links in /proc), deepest last, leaving out
     the processes in ``keep`` and everything below them."""
-    if _HAS_CHILDREN_FILES:
-        children_of = _children_of
-    else:
-        children = _scan_children()
-        children_of = lambda pid: children.get(pid, [])  # noqa: E731 - one scan serves the walk
+    scanned = None if _HAS_CHILDREN_FILES else _scan_children()  # one scan serves the walk
     found, queue = [], [root]
     while queue:
         pid = queue.pop()
-        for child in children_of(pid):
-            if child not in keep:
-                found.append(child)
-                queue.append(child)
+        if scanned is None:
+            children = _children_of(pid, keep)
+        else:
+            children = [child for child in scanned.get(pid, []) if child not in keep]
+        found.extend(children)
+        queue.extend(children)
     return found
 
 
@@ -1005,9 +1003,8 @@ class Supervisor:
         if self.forks:
             return  # a clone's pid is not known yet: it must not be mistaken for a stray
         known = frozenset(s.pid for s in self.sessions.values())
-        for pid in _children_of(os.getpid()):
-            if pid not in known:
-                _kill_tree(pid, known)
+        for pid in _children_of(os.getpid(), known):  # checking only the others: O(strays)
+            _kill_tree(pid, known)
 
     # ---- output pipes
 

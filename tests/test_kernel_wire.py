@@ -112,3 +112,27 @@ def test_waiting_for_killed_processes_ends_at_their_exit(
         live.kill()
         for proc in [live, *killed]:
             proc.wait()
+
+
+@pytest.mark.parametrize("children_files", [True, False], ids=["children-files", "proc-scan"])
+def test_the_tree_walk_finds_descendants_and_steps_around_kept_ones(
+    children_files: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel, "_HAS_CHILDREN_FILES", children_files and kernel._HAS_CHILDREN_FILES)
+    # root -> middle -> a, b -> b1: the kept b and everything below it stay out of the walk.
+    script = "sleep 60 & a=$!; (sleep 60 & wait) & b=$!; echo $a $b; wait"
+    root = subprocess.Popen(["sh", "-c", f"(sh -c '{script}') & echo $!; wait"], stdout=subprocess.PIPE)
+    try:
+        assert root.stdout is not None
+        middle = int(root.stdout.readline())
+        a, b = (int(x) for x in root.stdout.readline().split())
+        deadline = time.monotonic() + 5
+        while len(kernel._descendants(root.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        everything = kernel._descendants(root.pid)
+        assert {middle, a, b} <= set(everything) and len(everything) == 4
+        kept = kernel._descendants(root.pid, frozenset({b}))
+        assert set(kept) == {middle, a}
+    finally:
+        kernel._kill_tree(root.pid)
+        root.wait()
