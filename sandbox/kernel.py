@@ -24,6 +24,7 @@ Replies are ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "error": 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -41,6 +42,7 @@ _MAX_REQUEST_BYTES = 16 << 20
 _PREIMPORTS = ("math", "numpy", "sympy")
 _SESSIONS_ROOT_ENV = "CRITLOOP_SESSIONS_ROOT"
 _PR_SET_PDEATHSIG = 1
+_WORKER_NICENESS = 10
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_DUMPABLE = 4
 _TRUNCATION_MARKER = "\n[... output truncated: {n} more bytes not shown ...]\n"
@@ -205,9 +207,15 @@ def _descendants(root: int, keep: frozenset[int] = frozenset()) -> list[int]:
 
 
 def _kill_tree(root: int, keep: frozenset[int] = frozenset()) -> None:
-    """Stop the whole process tree first (so nothing forks away), SIGKILL it, and wait (briefly)
-    until the processes are gone, so a caller told "closed" finds them gone. The subtrees of the
-    processes in ``keep`` (other sessions: a fork is a child of its parent session) live on."""
+    """Kill a process tree (:func:`_send_kill`) and wait (briefly) until the processes are gone,
+    so a caller told "closed" finds them gone."""
+    _wait_gone(_send_kill(root, keep), 1.0)
+
+
+def _send_kill(root: int, keep: frozenset[int] = frozenset()) -> set[int]:
+    """Stop the whole process tree first (so nothing forks away), then SIGKILL it; returns the
+    pids signalled. The subtrees of the processes in ``keep`` (other sessions: a fork is a child
+    of its parent session) live on."""
     stopped: set[int] = set()
     for _ in range(50):
         tree = [root, *_descendants(root, keep)]
@@ -225,7 +233,7 @@ def _kill_tree(root: int, keep: frozenset[int] = frozenset()) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    _wait_gone(stopped, 1.0)
+    return stopped
 
 
 def _wait_gone(pids: set[int], timeout: float) -> None:
@@ -308,10 +316,12 @@ class _Worker:
             # death signal. If the supervisor dies, the container (or bubblewrap's pid
             # namespace) goes with it, and an idle clone exits at the end of its channel.
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        try:
-            os.nice(10)  # a CPU-hungry session must not starve the supervisor of its deadlines
-        except OSError:
-            pass
+            # A CPU-hungry session must not starve the supervisor of its deadlines. (A clone
+            # inherits this; lowering it again would leave forks of forks nearly no CPU.)
+            try:
+                os.nice(_WORKER_NICENESS)
+            except OSError:
+                pass
         # Orphans of this session's processes stay in this worker's tree, so that closing the
         # session can find and kill every one of them (setsid and double forks included).
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -507,6 +517,16 @@ class _Fork:
         self.acked = False
 
 
+class _Closing:
+    """A close whose processes are dying: answered when their pidfds say they are gone."""
+
+    def __init__(self, req_id: object, sid: str, pidfds: set[int], deadline: float) -> None:
+        self.req_id = req_id
+        self.sid = sid
+        self.pidfds = pidfds
+        self.deadline = deadline
+
+
 class _Session:
     def __init__(self, sid: str, pid: int, sock: socket.socket, session_dir: str) -> None:
         self.sid = sid
@@ -541,6 +561,9 @@ class Supervisor:
         # acknowledged it AND the clone has said hello, so both are usable at the reply.
         self.forks: dict[str, _Fork] = {}
         self.by_pidfd: dict[int, _Session] = {}
+        # Closes waiting for their killed processes to exit, by pidfd: the supervisor serves
+        # other sessions meanwhile (a dying process's exit can take long on a busy machine).
+        self.closing: dict[int, _Closing] = {}
 
     # ---- client channel
 
@@ -570,6 +593,8 @@ class Supervisor:
                 try:
                     if key.data == "worker":
                         self._read_worker(key.fd)
+                    elif key.data == "closing":
+                        self._closing_ready(key.fd)
                     elif key.data == "pidfd":
                         self._pidfd_ready(key.fd)
                     else:
@@ -598,6 +623,8 @@ class Supervisor:
 
     def _next_timeout(self) -> float:
         now, timeout = time.monotonic(), 1.0
+        for closing in self.closing.values():
+            timeout = min(timeout, max(0.0, closing.deadline - now))
         for session in self.sessions.values():
             pending = session.pending
             if pending is not None:
@@ -742,8 +769,38 @@ class Supervisor:
             raise KeyError(f"no session {sid!r}")
         if session.pending is not None:
             self._finish(session, "killed", "the session was closed", state_survived=False)
-        self._destroy(session)
-        return {"session": sid}
+        dying = self._destroy(session, wait=False)
+        pidfds: set[int] = set()
+        try:
+            for pid in dying:
+                with contextlib.suppress(ProcessLookupError):
+                    pidfds.add(os.pidfd_open(pid))
+        except (AttributeError, OSError):  # no pidfds here (or no fds left): wait in place
+            for fd in pidfds:
+                os.close(fd)
+            _wait_gone(dying, 1.0)
+            return {"session": sid}
+        if not pidfds:
+            return {"session": sid}
+        closing = _Closing(req_id, sid, pidfds, time.monotonic() + 1.0)
+        for fd in pidfds:
+            self.closing[fd] = closing
+            self.sel.register(fd, selectors.EVENT_READ, "closing")
+        return None
+
+    def _closing_ready(self, fd: int, expired: bool = False) -> None:
+        """A dying process of a close has exited (or, ``expired``, the close waited long
+        enough): the close is answered once none is left."""
+        closing = self.closing.pop(fd, None)
+        if closing is None:
+            return
+        for done in [*closing.pidfds] if expired else [fd]:
+            self.closing.pop(done, None)
+            self.sel.unregister(done)
+            os.close(done)
+            closing.pidfds.discard(done)
+        if not closing.pidfds:
+            self.reply({"id": closing.req_id, "ok": True, "session": closing.sid})
 
     # ---- workers
 
@@ -819,18 +876,21 @@ class Supervisor:
             os.close(session.pidfd)
             session.pidfd = -1
 
-    def _destroy(self, session: _Session) -> None:
-        """Kill the worker and everything it started; remove its files."""
+    def _destroy(self, session: _Session, *, wait: bool = True) -> set[int]:
+        """Kill the worker and everything it started; remove its files. Without ``wait``,
+        returns the pids killed, which may not have exited yet."""
         # Kill before closing the channel: a worker that sees the channel close exits at once,
         # and its children would be re-parented out of reach of the tree walk.
-        if session.pid:
-            _kill_tree(session.pid, self._other_sessions(session))
+        dying = _send_kill(session.pid, self._other_sessions(session)) if session.pid else set()
+        if wait:
+            _wait_gone(dying, 1.0)
         self._unregister(session)
         self._kill_strays()
         if session.pending is not None:
             self._close_pipes(session.pending)
             session.pending = None
         shutil.rmtree(session.session_dir, ignore_errors=True)
+        return dying
 
     def _read_worker(self, fd: int) -> None:
         session = self.by_fd.get(fd)
@@ -1060,6 +1120,9 @@ class Supervisor:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for fd, closing in list(self.closing.items()):
+            if now >= closing.deadline and fd in self.closing:
+                self._closing_ready(fd, expired=True)
         for session in list(self.sessions.values()):
             pending = session.pending
             if pending is None:
