@@ -85,7 +85,8 @@ class CriticConfig(EndpointConfig):
     """A critique past this many tokens falls back to a forced judgement."""
     forced_judgement_tokens: int = Field(default=20, ge=1)
     logprobs: int = Field(default=20, ge=1, le=20)
-    """Top-k logprobs asked for at every stage (the reward needs the decision token's)."""
+    """Top-k logprobs asked for at the stages that can hold the judgement (the reward needs the
+    decision token's); the analysis stage asks for none."""
     first_step_format: str = DEFAULT_FIRST_STEP_FORMAT
     code_timeout_seconds: float = Field(default=5.0, gt=0)
     max_code_output_chars: int = Field(default=2000, ge=100)
@@ -325,9 +326,9 @@ class GenPRMCritic:
 
     # ------------------------------------------------------------------ one chain, one step
 
-    def _params(self, **kwargs: object) -> SamplingParams:
+    def _params(self, *, logprobs: bool = True, **kwargs: object) -> SamplingParams:
         cfg = self.config
-        return cfg.sampling(logprobs=cfg.logprobs, include_stop=True, **kwargs)
+        return cfg.sampling(logprobs=cfg.logprobs if logprobs else None, include_stop=True, **kwargs)
 
     def _count(self, text: str) -> int:
         return len(self.template.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -368,7 +369,11 @@ class GenPRMCritic:
         text = insert(ANALYZE_PREFIX.format(k=k))
         segments: list[Segment] = []
         budget = cfg.max_critique_tokens - spent
-        first = await complete(text, self._params(stop=(ANALYZE_STOP,), max_tokens=max(1, budget)))
+        # The analysis ends before any judgement: its tokens' logprobs (often the longest
+        # stretch, with top-k alternatives each) would be parsed only to be dropped.
+        first = await complete(
+            text, self._params(stop=(ANALYZE_STOP,), max_tokens=max(1, budget), logprobs=False)
+        )
         analysis = first.choices[0]
         segments.append(segment_after(text, analysis.text, analysis.tokens))
         text += analysis.text

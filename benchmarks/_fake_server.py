@@ -21,11 +21,12 @@ writes code once and then says Yes would answer:
   ``\\boxed{14}``, finished by end of sequence;
 * anything else                      -> a short generic answer (``finish_reason`` ``length``).
 
-Answers are vLLM-shaped: ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``,
-``text_offset``) that spell the text exactly, the ``Yes`` decision token with the alternatives
-``{"Yes": -0.1, "No": -2.4}``, ``stop_reason`` naming the stop string, the stop string kept in
-the text only when ``include_stop_str_in_output`` is true, and ``usage``. The answers' JSON is
-built once at start-up (per kind, with and without the stop string), so a request costs the
+Answers are vLLM-shaped: ``logprobs`` when asked for (``tokens``, ``token_logprobs``,
+``top_logprobs``, ``text_offset``) that spell the text exactly, the ``Yes`` decision token with
+the alternatives ``{"Yes": -0.1, "No": -2.4}``, ``stop_reason`` naming the stop string, the stop
+string kept in the text only when ``include_stop_str_in_output`` is true, and ``usage``. The
+answers' JSON is
+built once at start-up (per kind, with and without the stop string and logprobs), so a request costs the
 server one ``json.loads`` of the body and a few byte joins.
 
 ``GET /stats`` answers the counters (``POST /reset`` zeroes them): ``requests`` (completions
@@ -103,19 +104,19 @@ def classify(prompt: str) -> str:
     return "generic"
 
 
-def choice_json(text: str, stop: str | None, *, include_stop: bool) -> tuple[bytes, int]:
+def choice_json(text: str, stop: str | None, *, include_stop: bool, logprobs: bool) -> tuple[bytes, int]:
     """The JSON of one choice and its token count."""
     if stop and not include_stop:
         text = text[: -len(stop)]
     tokens = tokens_of(text)
-    logprobs, tops, offsets, offset = [], [], [], 0
+    values, tops, offsets, offset = [], [], [], 0
     for token in tokens:
         if token.strip() == "Yes":
             lead = token[: len(token) - len(token.lstrip())]
-            logprobs.append(YES_ALTERNATIVES["Yes"])
+            values.append(YES_ALTERNATIVES["Yes"])
             tops.append({lead + t: v for t, v in YES_ALTERNATIVES.items()})
         else:
-            logprobs.append(TOKEN_LOGPROB)
+            values.append(TOKEN_LOGPROB)
             tops.append({token: TOKEN_LOGPROB})
         offsets.append(offset)
         offset += len(token)
@@ -124,10 +125,12 @@ def choice_json(text: str, stop: str | None, *, include_stop: bool) -> tuple[byt
         "text": text,
         "logprobs": {
             "tokens": tokens,
-            "token_logprobs": logprobs,
+            "token_logprobs": values,
             "top_logprobs": tops,
             "text_offset": offsets,
-        },
+        }
+        if logprobs
+        else None,
         "finish_reason": "stop" if stop is not None else "length",
         "stop_reason": stop or None,
     }
@@ -159,11 +162,14 @@ class Stats:
 
 async def serve(host: str, port: int, announce: Any) -> None:
     stats = Stats()
-    # (kind, include_stop) -> the JSON of the answer before and after the usage numbers
-    canned: dict[tuple[str, bool], tuple[bytes, int]] = {}
+    # (kind, include_stop, logprobs) -> the JSON of the answer before the usage numbers
+    canned: dict[tuple[str, bool, bool], tuple[bytes, int]] = {}
     for kind, (text, stop) in REPLIES.items():
         for include in (False, True):
-            canned[kind, include] = choice_json(text, stop, include_stop=include)
+            for logprobs in (False, True):
+                canned[kind, include, logprobs] = choice_json(
+                    text, stop, include_stop=include, logprobs=logprobs
+                )
     created = int(time.time())
 
     def answer(status: str, payload: bytes) -> bytes:
@@ -184,7 +190,9 @@ async def serve(host: str, port: int, announce: Any) -> None:
             delay = float(parts[2]) / 1000.0
         if delay > 0:
             await asyncio.sleep(delay)
-        choice, completion_tokens = canned[kind, bool(request.get("include_stop_str_in_output"))]
+        choice, completion_tokens = canned[
+            kind, bool(request.get("include_stop_str_in_output")), request.get("logprobs") is not None
+        ]
         prompt_tokens = max(1, len(prompt) // 4)
         usage = (
             f'{{"prompt_tokens": {prompt_tokens}, "completion_tokens": {completion_tokens}, '

@@ -149,11 +149,13 @@ def test_the_embedded_critic_defaults_to_the_instruct_profile() -> None:
 async def test_stage_requests_follow_the_protocol(template, pool) -> None:  # type: ignore[no-untyped-def]
     model = scripted_genprm({})
     await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
-    (_p1, s1), (p2, s2), (p3, _s3) = model.calls
-    assert s1.stop == ("</analyze>\n",) and s1.include_stop and s1.logprobs == 20
+    (_p1, s1), (p2, s2), (p3, s3) = model.calls
+    # Logprobs only where the judgement can be: not for the analysis.
+    assert s1.stop == ("</analyze>\n",) and s1.include_stop and s1.logprobs is None
     assert (s1.temperature, s1.top_p, s1.top_k, s1.repetition_penalty) == (0.6, 0.95, 20, 1.0)
     assert p2.endswith("</analyze>\n" + VERIFY_PREFIX)
-    assert s2.stop == ("\n```\n", "</output>\n") and s2.include_stop
+    assert s2.stop == ("\n```\n", "</output>\n") and s2.include_stop and s2.logprobs == 20
+    assert s3.logprobs == 20
     assert p3.endswith("print(2 + 3)\n```\n[Code Output]\n\n```\n5\n```\n")
 
 
