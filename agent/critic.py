@@ -330,9 +330,6 @@ class GenPRMCritic:
         cfg = self.config
         return cfg.sampling(logprobs=cfg.logprobs if logprobs else None, include_stop=True, **kwargs)
 
-    def _count(self, text: str) -> int:
-        return len(self.template.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     async def _critique_step(self, problem: str, steps: Sequence[str], chain: _Chain) -> ChainCritique:
         cfg = self.config
         k = len(chain.critiques) + 1
@@ -358,12 +355,12 @@ class GenPRMCritic:
             usage["prompt_tokens"] += result.prompt_tokens
             usage["completion_tokens"] += result.completion_tokens
             choice = result.choices[0]
-            spent += choice.completion_tokens or self._count(choice.text)
+            spent += choice.completion_tokens or self.template.count_tokens(choice.text)
             return result
 
         def insert(piece: str) -> str:
             nonlocal spent
-            spent += self._count(piece)
+            spent += self.template.count_tokens(piece)
             return piece
 
         text = insert(ANALYZE_PREFIX.format(k=k))

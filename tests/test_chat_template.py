@@ -55,3 +55,18 @@ def test_a_tokenizer_without_template_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="bare-tokenizer"):
         ChatTemplate(Bare())
+
+
+def test_token_counts_match_the_tokenizer_with_and_without_its_fast_encoder(template: ChatTemplate) -> None:
+    text = "Let's verify: 3 * 4 = 12, so \\boxed{Yes}.\n```python\nprint(3 * 4)\n```"
+    expected = len(template.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert expected > 5
+    assert template.count_tokens(text) == expected
+
+    class Slow:  # a tokenizer without a Rust backend: the generic call counts
+        chat_template = template.tokenizer.chat_template
+
+        def __call__(self, text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+            return template.tokenizer(text, add_special_tokens=add_special_tokens)
+
+    assert ChatTemplate(Slow()).count_tokens(text) == expected

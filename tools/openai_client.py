@@ -332,16 +332,24 @@ class OpenAICompletionModel:
         if not isinstance(tops, list) or len(tops) != len(tokens):
             raise ModelResponseError(f"{self._url}: `logprobs.top_logprobs` does not match the tokens")
         result = []
+        # Per token of every judgement stretch, with up to 20 alternatives each: kept lean.
         for token, value, top in zip(tokens, values, tops, strict=True):
             text, token_id = _token(token)
-            if not _is_number(value):
+            if (type(value) is not float and not _is_number(value)) or value != value:
                 raise ModelResponseError(f"{self._url}: token {token!r} has no logprob")
             alternatives = []
-            if isinstance(top, dict):
-                numeric = [(alt, float(v)) for alt, v in top.items() if _is_number(v)]
-                for alt, alt_value in sorted(numeric, key=lambda kv: -kv[1])[:keep]:
+            if isinstance(top, dict) and top:
+                numeric = [
+                    (v, alt) for alt, v in top.items() if (v == v and type(v) is float) or _is_number(v)
+                ]
+                if len(numeric) > keep:
+                    numeric.sort(key=_first, reverse=True)
+                    del numeric[keep:]
+                for alt_value, alt in numeric:
                     alt_text, alt_id = _token(alt)
-                    alternatives.append(_top(alt_text, alt_id, alt_value))
+                    alternatives.append(TopLogprob(alt_text, float(alt_value), alt_id))
+                if len(alternatives) > 1:
+                    alternatives.sort(key=_logprob, reverse=True)
             result.append(self._with_chosen(text, token_id, float(value), alternatives))
         return result
 
@@ -379,8 +387,12 @@ class OpenAICompletionModel:
         return TokenLogprob(text, logprob, token_id, tuple(top))
 
 
-def _top(token: str, token_id: int | None, logprob: float) -> TopLogprob:
-    return TopLogprob(token, logprob, token_id)
+def _first(pair: tuple[float, Any]) -> float:
+    return pair[0]
+
+
+def _logprob(top: TopLogprob) -> float:
+    return top.logprob
 
 
 def _is_number(value: Any) -> bool:
