@@ -19,7 +19,7 @@ from critloop.graphs.refine import RefineContext, build_refine_graph
 from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-from critloop.tools.grading import grade
+from critloop.tools.grading import agrade, grade
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems"
 
@@ -96,14 +96,22 @@ def test_unreadable_or_unknown_files_raise_clear_errors(tmp_path: Path) -> None:
         load_problems(tmp_path / "broken.json")
 
 
-@pytest.mark.parametrize(
-    ("predicted", "gold", "correct"),
-    [("18", "18", True), ("\\frac{1}{2}", "0.5", True), ("14", "15", False), (None, "1", False),
-     ("", "1", False), ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left(3,\\frac{\\pi}{2}\\right)", True),
-     ("1" * 500, "1", False), ("\\frac{", "1", False)],
-)  # fmt: skip
+GRADES = [
+    ("18", "18", True), (" 18", "18 ", True), ("\\frac{1}{2}", "0.5", True), ("14", "15", False),
+    (None, "1", False), ("", "1", False), ("1" * 500, "1", False), ("\\frac{", "1", False),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left(3,\\frac{\\pi}{2}\\right)", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("predicted", "gold", "correct"), GRADES)
 def test_grading_is_mathematical_and_never_raises(predicted: str | None, gold: str, correct: bool) -> None:
     assert grade(predicted, gold) is correct
+    assert grade(predicted, gold) is correct  # and again, from the cache
+
+
+@pytest.mark.parametrize(("predicted", "gold", "correct"), GRADES)
+async def test_grading_off_the_event_loop_agrees(predicted: str | None, gold: str, correct: bool) -> None:
+    assert await agrade(predicted, gold) is correct
 
 
 def test_a_torn_last_line_is_cut_and_finished_records_stay(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 
@@ -35,20 +36,38 @@ def grade(predicted: str | None, gold: str | None) -> bool:
 
     None, empty, over-long or unparsable answers are wrong; this never raises.
     """
+    quick = _quick(predicted, gold)
+    return quick if quick is not None else _grade(predicted, gold)
+
+
+async def agrade(predicted: str | None, gold: str | None) -> bool:
+    """:func:`grade`, with sympy's part in a worker thread (the event loop stays free)."""
+    quick = _quick(predicted, gold)
+    if quick is not None:
+        return quick
+    return await asyncio.to_thread(_grade, predicted, gold)
+
+
+def _quick(predicted: str | None, gold: str | None) -> bool | None:
+    """The verdict where no parsing is needed, else None."""
     if not predicted or not gold or len(predicted) > MAX_ANSWER_CHARS:
         return False
+    if predicted.strip() == gold.strip():
+        return True
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _grade(predicted: str, gold: str) -> bool:
+    # Cached: a batch grades each problem's answer after every round and at the end, and most
+    # answers do not change; parsing with sympy is the costly part.
     from math_verify import parse, verify
 
     try:
         gold_parsed = parse(f"${gold}$", parsing_timeout=None)
         predicted_parsed = parse(f"${predicted}$", parsing_timeout=None)
         if not gold_parsed or not predicted_parsed:
-            return predicted.strip() == gold.strip()
+            return False  # not the same string (checked first), and not maths either
         return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
     except Exception:  # noqa: BLE001 - untrusted model text: a failure to grade is "wrong"
         return False
-
-
-async def agrade(predicted: str | None, gold: str | None) -> bool:
-    """:func:`grade` in a worker thread (sympy is CPU work; the event loop stays free)."""
-    return await asyncio.to_thread(grade, predicted, gold)
