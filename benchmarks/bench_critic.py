@@ -469,11 +469,12 @@ class Probe:
         for critic in self.critics:
             self._patch(critic, "_critique_step", self._wrap_step(critic._critique_step), instance=True)
             self._swap_model(critic)
-            self._patch(critic, "_count", self._sync("tokenizer count", critic._count), instance=True)
             if all(critic.template is not t for t in templates):
                 templates.append(critic.template)
         for template in templates:
             self._patch(template, "render", self._sync("template render", template.render), instance=True)
+            count = self._sync("tokenizer count", template.count_tokens)
+            self._patch(template, "count_tokens", count, instance=True)
         for name in ("find_verdict", "reward_for"):
             self._patch(critic_module, name, self._sync("verdict + reward", getattr(critic_module, name)))
         self._patch(Session, "exec", self._async("sandbox exec", Session.exec))
