@@ -762,7 +762,7 @@ class Supervisor:
         self._spawn(session.sid)
         return {"session": session.sid}
 
-    def _op_close(self, req_id, msg) -> dict:
+    def _op_close(self, req_id, msg) -> dict | None:
         sid = msg.get("session")
         session = self.sessions.get(sid) if isinstance(sid, str) else None
         if session is None:
