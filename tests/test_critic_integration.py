@@ -81,11 +81,11 @@ def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) 
 
 
 class RecordingModel(OpenAICompletionModel):
-    results: list[CompletionResult]
+    results: list[tuple[SamplingParams, CompletionResult]]
 
     async def complete(self, prompt: str, params: SamplingParams) -> CompletionResult:
         result = await super().complete(prompt, params)
-        self.results.append(result)
+        self.results.append((params, result))
         return result
 
 
@@ -105,10 +105,16 @@ async def test_critic_through_a_llama_cpp_server_with_real_logprobs(
         await model.aclose()
     assert len(report.step_reports) == len(record["steps"])
     assert model.results, "the critic called the server"
-    for result in model.results:
+    asked = [result for params, result in model.results if params.logprobs is not None]
+    # The analysis stage asks for none (no judgement lies there); every later stage does.
+    assert 0 < len(asked) < len(model.results)
+    for params, result in model.results:
         tokens = result.choices[0].tokens
-        assert tokens is not None and tokens, "the server returned per-token logprobs"
-        assert all(1 <= len(t.top) <= 21 for t in tokens)
+        if params.logprobs is None:
+            assert tokens is None, "logprobs the critic did not ask for"
+        else:
+            assert tokens, "the server returned per-token logprobs"
+            assert all(1 <= len(t.top) <= 21 for t in tokens)
     for step in report.step_reports:
         for chain in step.chains:
             assert 0.0 <= chain.reward <= 1.0
