@@ -70,9 +70,11 @@ def _collapse_heap() -> int:
     """Back the template's heap with transparent huge pages where the host allows it.
 
     Every session is a fork of the template, and a fork copies (and an exit tears down) one
-    page-table entry per 4 KiB page mapped: with the heap in 2 MiB pages, a fork of the
-    sympy-laden template costs a fraction of that. Best effort: returns the bytes collapsed
-    (0 on kernels before Linux 6.1, or with transparent huge pages off)."""
+    page-table entry per 4 KiB page mapped. The huge mappings are split again once processes
+    write to them, but the memory stays in large folios, which the kernel copies and frees in
+    batches: opening and closing a session costs about a fifth less CPU, a fork of one about a
+    quarter less. Best effort: returns the bytes collapsed (0 on kernels before Linux 6.1, or
+    with transparent huge pages off)."""
     try:
         import ctypes
 
