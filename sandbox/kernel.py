@@ -238,30 +238,42 @@ def _send_kill(root: int, keep: frozenset[int] = frozenset()) -> set[int]:
     return stopped
 
 
+def _open_pidfds(pids: set[int]) -> list[int] | None:
+    """Pidfds of those of ``pids`` that still exist; None where the kernel has no pidfds (or no
+    file descriptors are left), with none left open."""
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                fds.append(os.pidfd_open(pid))
+    except (AttributeError, OSError):
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds
+
+
 def _wait_gone(pids: set[int], timeout: float) -> None:
     """Wait until the processes have exited (zombies count as gone), at most ``timeout`` s:
     on their pidfds where the kernel has them (woken by the exit itself), else by polling."""
     deadline = time.monotonic() + timeout
-    fds: list[int] = []
-    try:
-        poller = select.poll()
-        for pid in pids:
-            try:
-                fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue
-            poller.register(fds[-1], select.POLLIN)
-        waiting = set(fds)
-        while waiting and (left := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(left * 1000):
-                waiting.discard(fd)
-                poller.unregister(fd)
-        return
-    except (AttributeError, OSError):
-        pass  # no pidfds on this kernel: poll /proc instead
-    finally:
-        for fd in fds:
-            os.close(fd)
+    fds = _open_pidfds(pids)
+    if fds is not None:
+        try:
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            waiting = set(fds)
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for fd, _ in poller.poll(left * 1000):
+                    waiting.discard(fd)
+                    poller.unregister(fd)
+            return
+        except OSError:
+            pass  # polling the pidfds failed: poll /proc instead
+        finally:
+            for fd in fds:
+                os.close(fd)
     while pids and time.monotonic() < deadline:
         pids = {pid for pid in pids if _alive(pid)}
         if pids:
@@ -772,19 +784,13 @@ class Supervisor:
         if session.pending is not None:
             self._finish(session, "killed", "the session was closed", state_survived=False)
         dying = self._destroy(session, wait=False)
-        pidfds: set[int] = set()
-        try:
-            for pid in dying:
-                with contextlib.suppress(ProcessLookupError):
-                    pidfds.add(os.pidfd_open(pid))
-        except (AttributeError, OSError):  # no pidfds here (or no fds left): wait in place
-            for fd in pidfds:
-                os.close(fd)
+        pidfds = _open_pidfds(dying)
+        if pidfds is None:  # no pidfds here (or no fds left): wait in place
             _wait_gone(dying, 1.0)
             return {"session": sid}
         if not pidfds:
             return {"session": sid}
-        closing = _Closing(req_id, sid, pidfds, time.monotonic() + 1.0)
+        closing = _Closing(req_id, sid, set(pidfds), time.monotonic() + 1.0)
         for fd in pidfds:
             self.closing[fd] = closing
             self.sel.register(fd, selectors.EVENT_READ, "closing")
