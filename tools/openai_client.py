@@ -335,21 +335,15 @@ class OpenAICompletionModel:
         # Per token of every judgement stretch, with up to 20 alternatives each: kept lean.
         for token, value, top in zip(tokens, values, tops, strict=True):
             text, token_id = _token(token)
-            if (type(value) is not float and not _is_number(value)) or value != value:
+            if not _is_number(value):
                 raise ModelResponseError(f"{self._url}: token {token!r} has no logprob")
             alternatives = []
             if isinstance(top, dict) and top:
-                numeric = [
-                    (v, alt) for alt, v in top.items() if (v == v and type(v) is float) or _is_number(v)
-                ]
-                if len(numeric) > keep:
-                    numeric.sort(key=_first, reverse=True)
-                    del numeric[keep:]
-                for alt_value, alt in numeric:
+                numeric = [(v, alt) for alt, v in top.items() if _is_number(v)]
+                numeric.sort(key=_first, reverse=True)
+                for alt_value, alt in numeric[:keep]:
                     alt_text, alt_id = _token(alt)
                     alternatives.append(TopLogprob(alt_text, float(alt_value), alt_id))
-                if len(alternatives) > 1:
-                    alternatives.sort(key=_logprob, reverse=True)
             result.append(self._with_chosen(text, token_id, float(value), alternatives))
         return result
 
@@ -391,11 +385,9 @@ def _first(pair: tuple[float, Any]) -> float:
     return pair[0]
 
 
-def _logprob(top: TopLogprob) -> float:
-    return top.logprob
-
-
 def _is_number(value: Any) -> bool:
+    if type(value) is float:  # nearly every value: checked first, on the hot path of logprobs
+        return value == value  # not NaN
     return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
