@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import platform
 
 
@@ -29,3 +30,14 @@ def mem_total_gib() -> float | None:
             if line.startswith("MemTotal:"):
                 return round(int(line.split()[1]) / (1 << 20), 1)
     return None
+
+
+def machine(*dists: str) -> dict[str, object]:
+    """The machine facts of a benchmark report, with the versions of critloop and ``dists``."""
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "mem_total_gib": mem_total_gib(),
+        "python": platform.python_version(),
+        **{dist: version(dist) for dist in ("critloop", *dists)},
+    }

@@ -25,7 +25,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _fake_server import FakeCriticServer
-from _machine import cpu_model, mem_total_gib, version
+from _machine import machine
 
 from critloop import Solver
 from critloop.config import load_config
@@ -91,14 +90,7 @@ async def main_async(args: argparse.Namespace, console: Console) -> dict[str, An
     report: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "simulation": True,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cpu_model": cpu_model(),
-            "mem_total_gib": mem_total_gib(),
-            "python": platform.python_version(),
-            "critloop": version("critloop"),
-            "langgraph": version("langgraph"),
-        },
+        "machine": machine("langgraph"),
         "plan": {"problems": len(items), "concurrency": args.concurrency, "delay_ms": args.delay_ms},
     }
     with FakeCriticServer() as server, tempfile.TemporaryDirectory() as tmp:
