@@ -770,31 +770,23 @@ def eval_processbench(
 
 
 def _processbench_source(data: Path | None, split: str, *, single: bool) -> Path | None:
-    """Where a split's data is: --data (a file, or a folder of <split>.json[l]), else the shared copy."""
-    candidates: list[Path] = []
-    if data is not None and data.is_file():
-        return data if single or data.stem == split else None
-    folders = (
-        [data]
-        if data is not None
-        else [Path("../shared/data/processbench"), Path("shared/data/processbench")]
-    )
-    for folder in folders:
-        candidates += [folder / f"{split}.json", folder / f"{split}.jsonl"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None and data is not None:
-        raise CritloopError(f"no {split}.json or {split}.jsonl in {data}")
-    if found is None:
-        try:  # the hub dataset, when a hub is reachable
-            from huggingface_hub import hf_hub_download
+    """Where a split's data is: --data (a file, or a folder of <split>.json[l]), else the hub dataset."""
+    if data is not None:
+        if data.is_file():
+            return data if single or data.stem == split else None
+        found = next((c for c in (data / f"{split}.json", data / f"{split}.jsonl") if c.is_file()), None)
+        if found is None:
+            raise CritloopError(f"no {split}.json or {split}.jsonl in {data}")
+        return found
+    try:  # the hub dataset, when a hub is reachable
+        from huggingface_hub import hf_hub_download
 
-            found = Path(hf_hub_download("Qwen/ProcessBench", f"{split}.json", repo_type="dataset"))
-        except Exception as exc:  # noqa: BLE001 - offline, or no such file: say what to do instead
-            raise CritloopError(
-                f"no local ProcessBench data for {split} and the hub dataset Qwen/ProcessBench is not "
-                f"reachable ({type(exc).__name__}): pass --data FILE_OR_FOLDER"
-            ) from None
-    return found
+        return Path(hf_hub_download("Qwen/ProcessBench", f"{split}.json", repo_type="dataset"))
+    except Exception as exc:  # noqa: BLE001 - offline, or no such file: say what to do instead
+        raise CritloopError(
+            f"no --data given and the hub dataset Qwen/ProcessBench is not reachable for {split} "
+            f"({type(exc).__name__}): pass --data FILE_OR_FOLDER"
+        ) from None
 
 
 # --------------------------------------------------------------------------- batch, bon, report

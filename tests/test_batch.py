@@ -21,32 +21,23 @@ from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
 from critloop.tools.grading import agrade, grade
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "problems"
+DATA = Path(__file__).parent / "data" / "problems"  # see data/SOURCES.md
 
 
-def shared(name: str, tmp_path: Path, n: int) -> Path:
-    """The first ``n`` lines of a shared dataset, copied (the shared copy exists only here)."""
-    source = DATA / name
-    if not source.is_file():
-        pytest.skip("the shared datasets exist only on the project's machines")
-    target = tmp_path / name
-    target.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
-    return target
-
-
-def test_gsm8k_math500_aime_and_amc_fields_are_detected(tmp_path: Path) -> None:
-    gsm8k, _ = load_problems(shared("gsm8k_test.jsonl", tmp_path, 3))
-    assert [p.gold for p in gsm8k] == ["18", "3", "70000"]
+def test_gsm8k_math500_aime_and_amc_fields_are_detected() -> None:
+    gsm8k, bad = load_problems(DATA / "gsm8k_test.jsonl")
+    assert [p.gold for p in gsm8k] == ["18", "3", "70000", "540"] and bad == []
     assert gsm8k[0].id == "gsm8k_test:1" and gsm8k[0].problem.startswith("Janet")
-    math500, _ = load_problems(shared("math500.jsonl", tmp_path, 2))
+    math500, bad = load_problems(DATA / "math500.jsonl")
+    assert len(math500) == 2 and bad == []
     assert (
         math500[0].gold == "\\left( 3, \\frac{\\pi}{2} \\right)"
         and math500[0].id == "test/precalculus/807.json"
     )
-    aime, _ = load_problems(shared("aime24.jsonl", tmp_path, 1))
-    assert aime[0].gold == "204"
-    amc, _ = load_problems(shared("amc23.jsonl", tmp_path, 1))
-    assert amc[0].gold == "27"
+    aime, bad = load_problems(DATA / "aime24.jsonl")
+    assert [p.gold for p in aime] == ["204"] and bad == []
+    amc, bad = load_problems(DATA / "amc23.jsonl")
+    assert [p.gold for p in amc] == ["27"] and bad == []
 
 
 def test_bad_records_become_error_records_naming_the_line(tmp_path: Path) -> None:
@@ -188,7 +179,7 @@ async def test_a_real_gsm8k_slice_through_scripted_models_gives_the_hand_compute
     round 1/4 (only the gold 18); one flip wrong -> right; every problem passes in one round."""
     from critloop.graphs.report import summarize
 
-    problems, bad = load_problems(shared("gsm8k_test.jsonl", tmp_path, 4))
+    problems, bad = load_problems(DATA / "gsm8k_test.jsonl")
     writer = CompletionWriter(
         policy_script(rewrite="Then 2 + 12 = 18.", continuation=["The answer is $\\boxed{18}$."]),
         template,

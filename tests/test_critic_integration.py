@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import require_docker
 
 from critloop.agent.critic import CriticConfig, GenPRMCritic
@@ -20,14 +19,12 @@ from critloop.tools.completion import CompletionResult, SamplingParams
 from critloop.tools.embedded import CachedModel
 from critloop.tools.openai_client import OpenAICompletionModel
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench" / "gsm8k.json"
+PROCESSBENCH = Path(__file__).parent / "data" / "processbench" / "gsm8k.json"  # see data/SOURCES.md
 CRITLOOP = str(Path(sys.executable).with_name("critloop"))
 
 
 def shortest_records(n: int) -> list[dict]:
-    if not SHARED.is_file():
-        pytest.skip("the shared ProcessBench copy exists only on the project's machines")
-    records = json.loads(SHARED.read_text())
+    records = json.loads(PROCESSBENCH.read_text())
     return sorted(records, key=lambda r: (len(r["steps"]), r["id"]))[:n]
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from critloop.sandbox import SandboxConfig, SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.embedded import CachedModel
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench"
+DATA = Path(__file__).parent / "data" / "processbench"  # see data/SOURCES.md
 
 
 def test_metric_on_hand_made_predictions() -> None:
@@ -52,13 +55,16 @@ def test_metric_on_hand_made_predictions() -> None:
 
 
 def test_real_processbench_records_load() -> None:
-    if not SHARED.is_dir():
-        pytest.skip("the shared ProcessBench copy exists only on the project's machines")
-    records = load_processbench(SHARED / "gsm8k.json")
-    assert len(records) == 400
+    records = load_processbench(DATA / "gsm8k.json")
+    assert [(r.id, len(r.steps), r.label) for r in records] == [
+        ("gsm8k-100", 3, 2),
+        ("gsm8k-126", 2, 0),
+        ("gsm8k-202", 2, -1),
+    ]
     assert {r.split for r in records} == {"gsm8k"}
     assert all(-1 <= r.label < len(r.steps) for r in records)
     assert sum(r.label == -1 for r in records) > 0
+    assert all(r.problem.strip() and all(s.strip() for s in r.steps) for r in records)
 
 
 @pytest.mark.parametrize(
@@ -114,3 +120,20 @@ async def test_runner_predicts_writes_and_resumes(
     assert len(lines[1]["step_rewards"]) == 2 and len(lines[1]["critiques"]) == 2
     assert metrics(read_results(out))[0].f1 == 100.0
     assert await evaluate_processbench(critic, records, out) == []  # everything done: nothing to run
+
+
+def test_eval_without_data_and_without_a_hub_says_to_pass_data(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-m", "critloop.cli", "eval", "processbench", "--split", "gsm8k"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Qwen/ProcessBench is not reachable for gsm8k" in done.stderr
+    assert "pass --data FILE_OR_FOLDER" in done.stderr
+    assert "Traceback" not in done.stderr
