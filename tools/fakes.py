@@ -72,11 +72,15 @@ class ScriptedCompletionModel:
         name: str = "scripted",
         alternatives: Mapping[str, Mapping[str, float]] | None = None,
         with_logprobs: bool = True,
+        count_tokens: Callable[[str], int] | None = None,
     ) -> None:
         self.name = name
         self.calls: list[tuple[str, SamplingParams]] = []
         self.alternatives = alternatives
         self.with_logprobs = with_logprobs
+        self.count_tokens = count_tokens
+        """How a completion's tokens are counted for usage (a chat template's ``count_tokens``
+        counts them as that model would); by default one per scripted token piece."""
         self._script = script
         self._replies: Iterator[Reply] | None = None if callable(script) else iter(script)
 
@@ -118,7 +122,7 @@ class ScriptedCompletionModel:
             finish_reason=finish,  # type: ignore[arg-type]
             stop=stop,
             tokens=tokens if params.logprobs is not None and self.with_logprobs else None,
-            completion_tokens=len(tokens),
+            completion_tokens=self.count_tokens(text) if self.count_tokens is not None else len(tokens),
         )
 
     async def aclose(self) -> None:
