@@ -1,4 +1,5 @@
-"""Shared fixtures: sandbox pools on the real Docker engine and on the local backend."""
+"""Shared fixtures (sandbox pools on the real Docker engine and on the local backend), the markers
+that follow from them, and CI's rule on skips."""
 
 from __future__ import annotations
 
@@ -11,7 +12,68 @@ from critloop.sandbox import SandboxConfig, SandboxPool
 
 pytest_plugins = ["model_fixtures"]
 
-REQUIRE_DOCKER = os.environ.get("CRITLOOP_REQUIRE_DOCKER") == "1"
+# Under CRITLOOP_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run, unless its reason starts
+# with MACHINE_LIMIT: something the machine itself cannot provide, which no install step can fix.
+NO_SKIPS = os.environ.get("CRITLOOP_NO_SKIPS") == "1"
+MACHINE_LIMIT = "machine limit: "
+
+# A test that requests one of these fixtures uses that real component, and is marked for it.
+REAL_MODEL_FIXTURES = frozenset(
+    {"embedded", "engine", "embedded_template", "llama_process", "llama_server", "llama_client"}
+)
+DOCKER_FIXTURES = frozenset({"docker_pool", "hostile_pool"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the real components they use: ``model`` (and ``slow``), ``docker``."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_docker = callspec is not None and callspec.params.get("backend_pool") == "docker"
+        if names & REAL_MODEL_FIXTURES and item.get_closest_marker("model") is None:
+            item.add_marker(pytest.mark.model)
+        if item.get_closest_marker("model") is not None:
+            item.add_marker(pytest.mark.slow)
+        if names & DOCKER_FIXTURES or on_docker:
+            item.add_marker(pytest.mark.docker)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("docker") is not None:
+        require_docker()
+
+
+_skipped: list[tuple[str, str]] = []
+
+
+def _record_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not reason.startswith(MACHINE_LIMIT):
+        _skipped.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _record_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _record_skip(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if NO_SKIPS and _skipped and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if NO_SKIPS and _skipped:
+        terminalreporter.section("skipped tests fail this run (CRITLOOP_NO_SKIPS=1)", red=True)
+        for nodeid, reason in _skipped:
+            terminalreporter.line(f"{nodeid}: {reason}")
 
 
 def docker_problem() -> str | None:
@@ -33,11 +95,9 @@ def docker_problem() -> str | None:
 
 
 def require_docker() -> None:
-    """Skip (or, under CRITLOOP_REQUIRE_DOCKER=1, fail) when Docker cannot run the tests."""
+    """Skip when Docker cannot run the tests (a failure in CI, which starts the engine)."""
     problem = docker_problem()
     if problem is not None:
-        if REQUIRE_DOCKER:
-            pytest.fail(f"CRITLOOP_REQUIRE_DOCKER=1 but {problem}")
         pytest.skip(problem)
 
 
@@ -50,8 +110,9 @@ async def docker_pool() -> AsyncIterator[SandboxPool]:
     await pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def local_pool() -> AsyncIterator[SandboxPool]:
+    """A local-backend pool per test module: a module's leftovers never reach the next one."""
     pool = SandboxPool(SandboxConfig(backend="local", pool_size=2, timeout_seconds=5))
     await pool.start()
     yield pool
@@ -59,8 +120,6 @@ async def local_pool() -> AsyncIterator[SandboxPool]:
 
 
 @pytest.fixture(params=["local", "docker"])
-def pool(request: pytest.FixtureRequest) -> SandboxPool:
-    """The protocol suite runs on both backends."""
-    if request.param == "docker":
-        require_docker()
+def backend_pool(request: pytest.FixtureRequest) -> SandboxPool:
+    """The session pool of each backend in turn: the protocol suite runs on both."""
     return request.getfixturevalue(f"{request.param}_pool")

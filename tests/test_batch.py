@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from critloop.errors import ConfigError
 from critloop.graphs.batch import FieldMap, ResultsFile, load_problems, run_batch
 from critloop.graphs.budget import Budget
 from critloop.graphs.refine import RefineContext, build_refine_graph
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
 from critloop.tools.grading import agrade, grade
@@ -114,12 +113,6 @@ def test_a_torn_last_line_is_cut_and_finished_records_stay(tmp_path: Path) -> No
     assert out.read_bytes() == b'{"id": "a"}\n{"id": "b"}\n'
 
 
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
-
-
 def context(template: ChatTemplate, pool: SandboxPool) -> RefineContext:
     """Every problem's first solution says 15, fixed to 14 after one round (gold decides)."""
     writer = CompletionWriter(policy_script(), template, SamplingParams(max_tokens=128))
@@ -130,7 +123,7 @@ def context(template: ChatTemplate, pool: SandboxPool) -> RefineContext:
 
 
 async def test_a_batch_writes_one_graded_record_per_problem_and_resumes(
-    template, pool, tmp_path: Path
+    template, local_pool, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     data = tmp_path / "p.jsonl"
     rows = [{"id": f"p{i}", "problem": f"What is 2 + 3 * 4? (copy {i})", "answer": "14"} for i in range(5)]
@@ -142,7 +135,7 @@ async def test_a_batch_writes_one_graded_record_per_problem_and_resumes(
     seen: list[str] = []
     written = await run_batch(
         graph,
-        context(template, pool),
+        context(template, local_pool),
         problems[:3],
         out,
         concurrency=2,
@@ -151,9 +144,9 @@ async def test_a_batch_writes_one_graded_record_per_problem_and_resumes(
     )
     assert len(written) == 4 and sorted(seen) == sorted(["p:6", "p0", "p1", "p2"])
     with pytest.raises(ConfigError, match="already holds results"):
-        await run_batch(graph, context(template, pool), problems, out)
+        await run_batch(graph, context(template, local_pool), problems, out)
     before = out.read_bytes()
-    more = await run_batch(graph, context(template, pool), problems, out, resume=True, bad=bad)
+    more = await run_batch(graph, context(template, local_pool), problems, out, resume=True, bad=bad)
     assert sorted(r["id"] for r in more) == ["p3", "p4"]
     assert out.read_bytes().startswith(before)  # finished records byte-identical
     records = {r["id"]: r for r in ResultsFile(out).records()}
@@ -172,7 +165,7 @@ async def test_a_batch_writes_one_graded_record_per_problem_and_resumes(
 
 
 async def test_a_real_gsm8k_slice_through_scripted_models_gives_the_hand_computed_summary(  # type: ignore[no-untyped-def]
-    template, pool, tmp_path: Path
+    template, local_pool, tmp_path: Path
 ) -> None:
     """GSM8K's first four golds are 18, 3, 70000, 540. The policy always answers 15, the critic
     flags that step, the rewrite answers 18. By hand: first attempts 0/4 right; after the one
@@ -187,7 +180,7 @@ async def test_a_real_gsm8k_slice_through_scripted_models_gives_the_hand_compute
     )
     policy = Policy(writer)
     critic_model = critic_by_content(lambda step: "= 15" in step or "{15}" in step)
-    critic = GenPRMCritic(critic_model, template, pool, CriticConfig(profile="genprm", samples=1))
+    critic = GenPRMCritic(critic_model, template, local_pool, CriticConfig(profile="genprm", samples=1))
     ctx = RefineContext(
         policy=policy, refiner=Refiner(writer, policy), critic=critic, budget=Budget(max_rounds=1)
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from critloop.agent.writer import CompletionWriter
 from critloop.errors import ConfigError, ModelEndpointError
 from critloop.graphs.batch import Problem, ResultsFile, load_problems
 from critloop.graphs.bon import aggregate, best_of_n_record, majority_answer, run_best_of_n
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
 from critloop.tools.fakes import ScriptedCompletionModel
@@ -56,12 +56,6 @@ def test_majority_by_exact_answer_ties_to_the_earliest_and_none_does_not_vote() 
 # --------------------------------------------------------------------------- scripted roles
 
 
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=2)) as sandbox:
-        yield sandbox
-
-
 def cycling_policy(template: ChatTemplate, solutions: Sequence[Sequence[str]]) -> Policy:
     """A policy whose k-th solve of a problem writes ``solutions[k % len(solutions)]`` (counted per
     prompt, so that problems solved concurrently each see the same sequence)."""
@@ -87,9 +81,11 @@ def problem(pid: str = "p", gold: str = "14") -> Problem:
     return Problem(id=pid, problem=f"What is 2 + 3 * 4? ({pid})", gold=gold, line=1)
 
 
-async def test_the_critic_picks_the_right_sample_over_the_first_and_the_majority(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_critic_picks_the_right_sample_over_the_first_and_the_majority(
+    template, local_pool
+) -> None:  # type: ignore[no-untyped-def]
     policy = cycling_policy(template, [BAD, BAD_AGAIN, GOOD])
-    record = await best_of_n_record(policy, critic(template, pool), problem(), n=3)
+    record = await best_of_n_record(policy, critic(template, local_pool), problem(), n=3)
     assert record["method"] == "best_of_n" and record["error"] is None and record["rounds"] == []
     assert [s["answer"] for s in record["samples"]] == ["15", "15", "14"]
     assert record["picked"] == 2 and record["answer"] == "14" and record["final_steps"] == GOOD
@@ -114,27 +110,29 @@ async def test_the_critic_picks_the_right_sample_over_the_first_and_the_majority
     json.dumps(record, allow_nan=False)  # a strict JSON record
 
 
-async def test_majority_can_be_right_when_the_pick_is_not(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_majority_can_be_right_when_the_pick_is_not(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     # The critic flags nothing: every score ties, so the pick is sample 0 (wrong); 14 wins 2-1.
     policy = cycling_policy(template, [BAD, GOOD, GOOD_AGAIN])
-    record = await best_of_n_record(policy, critic(template, pool, lambda step: False), problem(), n=3)
+    record = await best_of_n_record(policy, critic(template, local_pool, lambda step: False), problem(), n=3)
     assert record["picked"] == 0 and record["majority_answer"] == "14"
     assert (record["correct_final"], record["correct_majority"]) == (False, True)
     assert record["stop_reason"] == "all_steps_pass"
 
 
-async def test_ties_go_to_the_earliest_sample(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_ties_go_to_the_earliest_sample(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy = cycling_policy(template, [WRONG_16, GOOD, GOOD_AGAIN, GOOD])
-    record = await best_of_n_record(policy, critic(template, pool), problem(), n=4, aggregation="mean")
+    record = await best_of_n_record(policy, critic(template, local_pool), problem(), n=4, aggregation="mean")
     scores = [s["score"] for s in record["samples"]]
     assert scores[1] == scores[2] == scores[3] > scores[0]
     assert record["picked"] == 1 and record["final_steps"] == GOOD
     assert scores[1] == pytest.approx(sum(record["step_rewards"]) / 3)
 
 
-async def test_an_empty_sample_is_never_picked(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_an_empty_sample_is_never_picked(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy = cycling_policy(template, [[], WRONG_16, []])
-    record = await best_of_n_record(policy, critic(template, pool), problem(), n=3)
+    record = await best_of_n_record(policy, critic(template, local_pool), problem(), n=3)
     assert record["picked"] == 1 and record["answer"] == "16"
     assert record["samples"][0] == {"answer": None, "score": None, "step_rewards": [], "steps": []}
     assert record["stop_reason"] == "no_progress"  # the pick has a flagged step
@@ -142,29 +140,33 @@ async def test_an_empty_sample_is_never_picked(template, pool) -> None:  # type:
     # product: a non-empty sample whose every step is flagged still beats an empty one.
     policy = cycling_policy(template, [[], ["$\\boxed{15}$"]])
     zero = critic_by_content(lambda step: True)
-    critic_zero = GenPRMCritic(zero, template, pool, CriticConfig(profile="genprm", samples=1))
+    critic_zero = GenPRMCritic(zero, template, local_pool, CriticConfig(profile="genprm", samples=1))
     record = await best_of_n_record(policy, critic_zero, problem(), n=2, aggregation="product")
     assert record["picked"] == 1
 
 
-async def test_all_empty_samples_pick_the_first_and_call_no_critic(template, pool) -> None:  # type: ignore[no-untyped-def]
-    judge = critic(template, pool)
+async def test_all_empty_samples_pick_the_first_and_call_no_critic(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    judge = critic(template, local_pool)
     record = await best_of_n_record(cycling_policy(template, [[]]), judge, problem(), n=2)
     assert record["picked"] == 0 and record["answer"] is None and record["stop_reason"] == "no_progress"
     assert record["correct_final"] is record["correct_majority"] is False and record["critiqued"] == []
     assert judge.model.calls == []  # type: ignore[attr-defined]
 
 
-async def test_critic_samples_are_passed_on(template, pool) -> None:  # type: ignore[no-untyped-def]
-    one = await best_of_n_record(cycling_policy(template, [GOOD]), critic(template, pool), problem(), n=1)
+async def test_critic_samples_are_passed_on(template: ChatTemplate, local_pool: SandboxPool) -> None:
+    one = await best_of_n_record(
+        cycling_policy(template, [GOOD]), critic(template, local_pool), problem(), n=1
+    )
     two = await best_of_n_record(
-        cycling_policy(template, [GOOD]), critic(template, pool), problem(), n=1, samples=2
+        cycling_policy(template, [GOOD]), critic(template, local_pool), problem(), n=1, samples=2
     )
     assert two["usage"]["critic"]["calls"] == 2 * one["usage"]["critic"]["calls"]
 
 
-async def test_bad_arguments_raise_before_any_model_call(template, pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    policy, judge = cycling_policy(template, [GOOD]), critic(template, pool)
+async def test_bad_arguments_raise_before_any_model_call(template, local_pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    policy, judge = cycling_policy(template, [GOOD]), critic(template, local_pool)
     with pytest.raises(ConfigError, match="n must be at least 1"):
         await best_of_n_record(policy, judge, problem(), n=0)
     with pytest.raises(ConfigError, match="aggregation"):
@@ -175,7 +177,7 @@ async def test_bad_arguments_raise_before_any_model_call(template, pool, tmp_pat
 
 
 async def test_an_endpoint_failure_is_one_error_record_and_the_batch_goes_on(
-    template, pool, tmp_path: Path
+    template, local_pool, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     judge = critic_by_content(flags_15_or_16)
 
@@ -185,7 +187,7 @@ async def test_an_endpoint_failure_is_one_error_record_and_the_batch_goes_on(
         return judge._script(prompt, params)  # type: ignore[operator,return-value]
 
     model = ScriptedCompletionModel(respond, name="critic", alternatives=judge.alternatives)
-    failing = GenPRMCritic(model, template, pool, CriticConfig(profile="genprm", samples=1))
+    failing = GenPRMCritic(model, template, local_pool, CriticConfig(profile="genprm", samples=1))
     problems = [problem(f"p{i}") for i in range(3)]
     out = tmp_path / "r.jsonl"
     written = await run_best_of_n(
@@ -201,13 +203,13 @@ async def test_an_endpoint_failure_is_one_error_record_and_the_batch_goes_on(
         assert records[pid]["error"] is None and records[pid]["correct_final"] is True
 
 
-async def test_resume_appends_only_the_missing_problems(template, pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_resume_appends_only_the_missing_problems(template, local_pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = tmp_path / "p.jsonl"
     rows = [{"id": f"p{i}", "problem": f"What is 2 + 3 * 4? (copy {i})", "answer": "14"} for i in range(4)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
     problems, bad = load_problems(data)
     out = tmp_path / "results.jsonl"
-    policy, judge = cycling_policy(template, [BAD, GOOD]), critic(template, pool)
+    policy, judge = cycling_policy(template, [BAD, GOOD]), critic(template, local_pool)
     seen: list[str] = []
     first = await run_best_of_n(
         policy, judge, problems[:2], out, n=2, bad=bad, on_record=lambda r: seen.append(r["id"])

@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import require_docker
+import pytest
 from openai_script import policy_and_critic
 from scripted_server import ScriptedServer
 from typer.testing import CliRunner
 
 from critloop.cli import app
-from critloop.tools.embedded import CachedModel
 
 CRITLOOP = str(Path(sys.executable).with_name("critloop"))
 GSM8K = Path(__file__).parent / "data" / "problems" / "gsm8k_test.jsonl"  # see data/SOURCES.md
@@ -33,8 +32,12 @@ def dataset(tmp_path: Path, n: int, *, broken: bool = True) -> Path:
     return path
 
 
-def scripted_config(tmp_path: Path, url: str, embedded: CachedModel) -> Path:
-    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{embedded.path}"\n'
+# SmolLM2's chat template on a small tokenizer: the scripted server needs no model download.
+TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
+
+
+def scripted_config(tmp_path: Path, url: str) -> Path:
+    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{TOKENIZER}"\n'
     config = tmp_path / "critloop.toml"
     config.write_text(
         f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'
@@ -47,13 +50,12 @@ def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True) if path.exists() else []
 
 
-def test_a_killed_batch_resumes_with_every_id_once_and_finished_records_untouched(
-    tmp_path: Path, embedded: CachedModel
-) -> None:
+@pytest.mark.slow
+def test_a_killed_batch_resumes_with_every_id_once_and_finished_records_untouched(tmp_path: Path) -> None:
     data = dataset(tmp_path, 12)
     out = tmp_path / "results.jsonl"
     with ScriptedServer(default=policy_and_critic(delay=0.05)) as server:
-        config = scripted_config(tmp_path, server.url, embedded)
+        config = scripted_config(tmp_path, server.url)
         args = [
             CRITLOOP,
             "batch",
@@ -105,15 +107,18 @@ def test_batch_input_errors_exit_2_and_name_the_problem(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "none.jsonl: no such file" in missing.output
     out = tmp_path / "r.jsonl"
     out.write_text('{"id": "x"}\n')
-    taken = runner.invoke(app, ["batch", str(dataset(tmp_path, 2)), "--out", str(out)])
+    # Endpoints that are never called: the embedded default would fetch the model before the check.
+    config = str(scripted_config(tmp_path, "http://127.0.0.1:9"))
+    taken = runner.invoke(app, ["batch", str(dataset(tmp_path, 2)), "--config", config, "--out", str(out)])
     assert taken.exit_code == 2 and "already holds results" in taken.output
 
 
-def test_bon_and_report_on_a_scripted_server(tmp_path: Path, embedded: CachedModel) -> None:
+@pytest.mark.slow
+def test_bon_and_report_on_a_scripted_server(tmp_path: Path) -> None:
     data = dataset(tmp_path, 3, broken=False)
     out = tmp_path / "bon.jsonl"
     with ScriptedServer(default=policy_and_critic()) as server:
-        config = scripted_config(tmp_path, server.url, embedded)
+        config = scripted_config(tmp_path, server.url)
         args = ["bon", str(data), "--config", str(config), "--out", str(out), "--n", "2"]
         done = subprocess.run([CRITLOOP, *args], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -137,8 +142,9 @@ def test_bon_and_report_on_a_scripted_server(tmp_path: Path, embedded: CachedMod
     assert runner.invoke(app, ["report", str(empty)]).exit_code == 2
 
 
+@pytest.mark.docker
+@pytest.mark.model
 def test_a_batch_on_the_embedded_model_with_the_docker_sandbox(tmp_path: Path) -> None:
-    require_docker()
     data = tmp_path / "gsm8k.jsonl"  # the first two GSM8K problems: golds 18 and 3
     data.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:2]))
     config = tmp_path / "critloop.toml"

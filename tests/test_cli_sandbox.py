@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_docker
 
 from critloop.sandbox.docker_backend import LABEL
 from critloop.sandbox.image import image_tag
@@ -35,8 +34,8 @@ def our_containers() -> list:
     return docker.from_env().containers.list(all=True, filters={"label": LABEL})
 
 
+@pytest.mark.docker
 def test_status_reports_engine_and_image() -> None:
-    require_docker()
     done = run("sandbox", "status", "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -51,8 +50,8 @@ def test_status_fails_when_no_engine_answers(tmp_path: Path) -> None:
     assert "unreachable" in done.stdout
 
 
+@pytest.mark.docker
 def test_exec_runs_code_in_docker() -> None:
-    require_docker()
     done = run("sandbox", "exec", "import os\nprint(os.getuid(), open('/etc/hostname').read().strip())")
     assert (done.returncode, done.stdout) == (0, "10001 sandbox\n"), done.stderr
 
@@ -71,8 +70,8 @@ def test_exec_rejects_a_bad_backend_name() -> None:
     assert "--backend must be auto, docker or local" in done.stderr
 
 
+@pytest.mark.docker
 def test_clean_removes_orphans_only() -> None:
-    require_docker()
     import docker
 
     client = docker.from_env()
@@ -104,8 +103,8 @@ def test_clean_removes_orphans_only() -> None:
             orphan.remove(force=True)
 
 
+@pytest.mark.docker
 def test_a_killed_owner_leaves_no_container_behind(tmp_path: Path) -> None:
-    require_docker()
     script = tmp_path / "owner.py"
     script.write_text(
         "import asyncio\n"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 from critic_script import DECISIONS, Plan, paragraph, scripted_genprm
@@ -13,7 +12,7 @@ from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.critic_protocol import ANALYZE_PREFIX, FORCED_JUDGEMENT, VERIFY_PREFIX
 from critloop.agent.verdict import segment_after
 from critloop.errors import ModelEndpointError
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
 from critloop.tools.fakes import ScriptedCompletionModel, scripted_tokens
@@ -24,19 +23,15 @@ YES = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4))
 NO = math.exp(-1.8) / (math.exp(-1.8) + math.exp(-0.2))
 
 
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
-
-
 def critic(model, template, pool, **options) -> GenPRMCritic:  # type: ignore[no-untyped-def]
     return GenPRMCritic(model, template, pool, CriticConfig(**{"profile": "genprm", **options}))
 
 
-async def test_a_clean_solution_passes_with_logprob_rewards(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_clean_solution_passes_with_logprob_rewards(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS)
     assert report.all_pass and report.first_error is None
     assert [round(r, 6) for r in report.rewards] == [round(YES, 6)] * 3
     chain = report.step_reports[0].chains[0]
@@ -52,9 +47,11 @@ async def test_a_clean_solution_passes_with_logprob_rewards(template, pool) -> N
     assert report.step_reports[0].verdicts == {"yes": 1, "no": 0, "none": 0}
 
 
-async def test_first_error_scan_stops_at_the_flagged_step(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_first_error_scan_stops_at_the_flagged_step(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({2: Plan(verdict="No")})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS)
     assert report.first_error == 1
     assert [s.index for s in report.step_reports] == [0, 1]
     assert math.isclose(report.step_reports[1].reward, NO)
@@ -62,15 +59,17 @@ async def test_first_error_scan_stops_at_the_flagged_step(template, pool) -> Non
     assert {paragraph(p) for p, _ in model.calls} == {1, 2}
 
 
-async def test_scan_all_scores_every_step(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_scan_all_scores_every_step(template: ChatTemplate, local_pool: SandboxPool) -> None:
     model = scripted_genprm({2: Plan(verdict="No")})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS, scan="all")
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS, scan="all")
     assert [s.flagged for s in report.step_reports] == [False, True, False]
 
 
-async def test_golden_prompts_under_the_embedded_template(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_golden_prompts_under_the_embedded_template(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS)
     c1, c2 = (s.chains[0].text for s in report.step_reports[:2])
     analyze_prompts = [p for p, _ in model.calls if p.endswith("step by step: ")]
     system = (
@@ -102,7 +101,9 @@ DEEPSEEK_STYLE = (
 )
 
 
-async def test_golden_prompts_under_a_deepseek_r1_distill_style_template(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_golden_prompts_under_a_deepseek_r1_distill_style_template(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     import copy
 
     tokenizer = copy.deepcopy(template.tokenizer)
@@ -110,7 +111,7 @@ async def test_golden_prompts_under_a_deepseek_r1_distill_style_template(templat
     tokenizer.bos_token = "<｜begin▁of▁sentence｜>"
     tokenizer.eos_token = "<｜end▁of▁sentence｜>"
     model = scripted_genprm({})
-    report = await critic(model, ChatTemplate(tokenizer), pool).critique(PROBLEM, STEPS, scan="all")
+    report = await critic(model, ChatTemplate(tokenizer), local_pool).critique(PROBLEM, STEPS, scan="all")
     c1, c2 = (s.chains[0].text for s in report.step_reports[:2])
     head = (
         "<｜begin▁of▁sentence｜>You are a math teacher. Your task is to review and critique the paragraphs "
@@ -146,9 +147,9 @@ def test_the_embedded_critic_defaults_to_the_instruct_profile() -> None:
     assert CriticConfig(kind="openai", base_url="http://x/v1", model="GenPRM/GenPRM-7B").profile == "genprm"
 
 
-async def test_stage_requests_follow_the_protocol(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_stage_requests_follow_the_protocol(template: ChatTemplate, local_pool: SandboxPool) -> None:
     model = scripted_genprm({})
-    await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    await critic(model, template, local_pool).critique(PROBLEM, STEPS[:1])
     (_p1, s1), (p2, s2), (p3, s3) = model.calls
     # Logprobs only where the judgement can be: not for the analysis.
     assert s1.stop == ("</analyze>\n",) and s1.include_stop and s1.logprobs is None
@@ -159,25 +160,31 @@ async def test_stage_requests_follow_the_protocol(template, pool) -> None:  # ty
     assert p3.endswith("print(2 + 3)\n```\n[Code Output]\n\n```\n5\n```\n")
 
 
-async def test_multi_round_code_keeps_state_within_the_critique(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_multi_round_code_keeps_state_within_the_critique(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({1: Plan(code=["a = 6 * 7", "print(a)"])})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS[:1])
     runs = report.step_reports[0].chains[0].code_runs
     assert [(r.code, r.output, r.status) for r in runs] == [("a = 6 * 7", "", "ok"), ("print(a)", "42", "ok")]
 
 
-async def test_code_errors_and_timeouts_use_the_training_messages(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_code_errors_and_timeouts_use_the_training_messages(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({1: Plan(code=["1 / 0", "while True: pass"])})
-    report = await critic(model, template, pool, code_timeout_seconds=0.3).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool, code_timeout_seconds=0.3).critique(PROBLEM, STEPS[:1])
     runs = report.step_reports[0].chains[0].code_runs
     assert runs[0].output == "Code execute Error: ZeroDivisionError: division by zero"
     assert runs[1].output == "Code execute time out: Code execution timed out"
     assert runs[1].status == "timeout"
 
 
-async def test_rounds_exhausted_forces_the_judgement_from_the_analysis(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_rounds_exhausted_forces_the_judgement_from_the_analysis(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({1: Plan(code=["print(1)"] * 5, verdict="No")})
-    report = await critic(model, template, pool, code_rounds=3).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool, code_rounds=3).critique(PROBLEM, STEPS[:1])
     chain = report.step_reports[0].chains[0]
     assert chain.forced and chain.verdict == "no"
     assert chain.text == (
@@ -191,10 +198,11 @@ async def test_rounds_exhausted_forces_the_judgement_from_the_analysis(template,
     assert len(model.calls) == 1 + 3 + 1
 
 
-async def test_the_token_limit_forces_the_judgement(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_token_limit_forces_the_judgement(template: ChatTemplate, local_pool: SandboxPool) -> None:
     long_code = "x = 1\n" * 200
-    model = scripted_genprm({1: Plan(code=[long_code, long_code])})
-    report = await critic(model, template, pool, max_critique_tokens=300).critique(PROBLEM, STEPS[:1])
+    # A backend counts its completions in its own tokenizer's tokens: this one in the template's.
+    model = scripted_genprm({1: Plan(code=[long_code, long_code])}, count_tokens=template.count_tokens)
+    report = await critic(model, template, local_pool, max_critique_tokens=300).critique(PROBLEM, STEPS[:1])
     chain = report.step_reports[0].chains[0]
     assert chain.forced
     assert model.calls[1][1].max_tokens < 300
@@ -205,17 +213,21 @@ async def test_the_token_limit_forces_the_judgement(template, pool) -> None:  # 
         assert params.max_tokens is not None and abs((300 - so_far) - params.max_tokens) <= 3
 
 
-async def test_without_logprobs_the_reward_is_a_hard_label(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_without_logprobs_the_reward_is_a_hard_label(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({2: Plan(verdict="No")}, with_logprobs=False)
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS)
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS)
     assert report.rewards == [1.0, 0.0]
     assert {c.reward_source for s in report.step_reports for c in s.chains} == {"hard_label"}
 
 
-async def test_the_missing_alternative_takes_the_smallest_top_logprob(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_missing_alternative_takes_the_smallest_top_logprob(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({})
     model.alternatives = {"Yes": {"Yes": -0.5, "Maybe": -1.0, "Perhaps": -3.0}}
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS[:1])
     expected = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-3.0))
     assert math.isclose(report.rewards[0], expected)
 
@@ -234,10 +246,10 @@ async def test_the_missing_alternative_takes_the_smallest_top_logprob(template, 
     ],
 )
 async def test_model_text_never_raises(
-    template, pool, judgement: str, verdict: str, reward: float | None
+    template, local_pool, judgement: str, verdict: str, reward: float | None
 ) -> None:  # type: ignore[no-untyped-def]
     model = scripted_genprm({1: Plan(judgement=judgement, forced="garbage without a verdict")})
-    report = await critic(model, template, pool).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool).critique(PROBLEM, STEPS[:1])
     chain = report.step_reports[0].chains[0]
     if chain.forced:
         assert chain.verdict == "none" and chain.reward == 0.5
@@ -250,7 +262,9 @@ async def test_model_text_never_raises(
     report.model_dump_json()  # the report is always serialisable
 
 
-async def test_majority_of_n_chains_with_their_own_sessions(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_majority_of_n_chains_with_their_own_sessions(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     flips = iter(["Yes", "No", "Yes", "No"])
     verdict_of_chain: dict[int, str] = {}
 
@@ -266,7 +280,7 @@ async def test_majority_of_n_chains_with_their_own_sessions(template, pool) -> N
         return text
 
     model._script = respond
-    report = await critic(model, template, pool, samples=4).critique(PROBLEM, STEPS[:1])
+    report = await critic(model, template, local_pool, samples=4).critique(PROBLEM, STEPS[:1])
     step = report.step_reports[0]
     assert len(step.chains) == 4
     assert step.verdicts == {"yes": 2, "no": 2, "none": 0}
@@ -275,10 +289,10 @@ async def test_majority_of_n_chains_with_their_own_sessions(template, pool) -> N
     pids = {c.code_runs[0].output for c in step.chains}
     assert len(pids) == 4, "every chain runs in its own sandbox session"
     # The one-shot critique returns without waiting for the clean-up, yet owns no session.
-    assert pool.status().sessions == 0
-    await pool.settle()
-    alive = await asyncio.gather(*(_session_alive(pool, pid.strip()) for pid in pids))
-    assert not any(alive), "every chain's worker is gone once the pool settles"
+    assert local_pool.status().sessions == 0
+    await local_pool.settle()
+    alive = await asyncio.gather(*(_session_alive(local_pool, pid.strip()) for pid in pids))
+    assert not any(alive), "every chain's worker is gone once the local_pool settles"
 
 
 async def _session_alive(pool: SandboxPool, pid: str) -> bool:
@@ -289,7 +303,9 @@ async def _session_alive(pool: SandboxPool, pid: str) -> bool:
     return result.stdout.strip() == "alive"
 
 
-async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_recritique_reuses_the_unchanged_prefix(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm(
         {
             1: Plan(code=["a = 5\nprint(a)"]),
@@ -297,7 +313,7 @@ async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  
             3: Plan(code=["print(a * 2)"]),
         }
     )
-    critic_ = critic(model, template, pool, samples=2)
+    critic_ = critic(model, template, local_pool, samples=2)
     async with critic_.run(PROBLEM) as run:
         first = await run.critique(STEPS)
         assert first.first_error == 1
@@ -317,25 +333,27 @@ async def test_recritique_reuses_the_unchanged_prefix(template, pool) -> None:  
     assert second.usage.calls == len(new_calls)
 
 
-async def test_snapshots_are_forked_only_before_the_session_runs_more_code(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_snapshots_are_forked_only_before_the_session_runs_more_code(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     # A fork per passed step would hold 1 + 3 sessions here; the state after the last step is
     # still the working session's own, so only the snapshots after steps 1 and 2 are forks.
     model = scripted_genprm({1: Plan(code=["a = 5\nprint(a)"]), 3: Plan(code=["b = a * 2\nprint(b)"])})
-    await pool.settle()
-    before = pool.status().sessions
-    async with critic(model, template, pool).run(PROBLEM) as run:
+    await local_pool.settle()
+    before = local_pool.status().sessions
+    async with critic(model, template, local_pool).run(PROBLEM) as run:
         first = await run.critique(STEPS, scan="all")
         assert first.all_pass
-        assert pool.status().sessions - before == 3
+        assert local_pool.status().sessions - before == 3
         # A step appended after the last one goes on in the working session itself; its code
         # is what makes the snapshot after step 3 a fork (and the one after step 4 is not).
         model._script = scripted_genprm({4: Plan(code=["print(a + b)"])})._script
         second = await run.critique([*STEPS, "Check: 5 + 10 = 15."], scan="all")
-        assert pool.status().sessions - before == 4
+        assert local_pool.status().sessions - before == 4
     assert [r.reused for r in second.step_reports] == [True, True, True, False]
     assert second.step_reports[3].chains[0].code_runs[0].output == "15"
-    await pool.settle()
-    assert pool.status().sessions == before
+    await local_pool.settle()
+    assert local_pool.status().sessions == before
 
 
 async def test_recritique_without_a_sandbox_rewinds_the_history(template) -> None:  # type: ignore[no-untyped-def]
@@ -347,9 +365,11 @@ async def test_recritique_without_a_sandbox_rewinds_the_history(template) -> Non
     assert second.all_pass and second.step_reports[0].reused
 
 
-async def test_a_rewritten_first_step_starts_from_a_fresh_sandbox(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_rewritten_first_step_starts_from_a_fresh_sandbox(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     model = scripted_genprm({1: Plan(verdict="No", code=["leftover = 1\nprint(leftover)"])})
-    async with critic(model, template, pool, samples=2).run(PROBLEM) as run:
+    async with critic(model, template, local_pool, samples=2).run(PROBLEM) as run:
         first = await run.critique(STEPS)
         assert first.first_error == 0
         model._script = scripted_genprm({1: Plan(code=["print('leftover' in globals())"])})._script
@@ -358,12 +378,14 @@ async def test_a_rewritten_first_step_starts_from_a_fresh_sandbox(template, pool
     assert second.all_pass
 
 
-async def test_infrastructure_failures_raise_typed_errors(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_infrastructure_failures_raise_typed_errors(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     def down(prompt: str, params: SamplingParams) -> str:
         raise ModelEndpointError("http://127.0.0.1:9/v1/completions: gave up after 5 attempts")
 
     with pytest.raises(ModelEndpointError, match="gave up"):
-        await critic(ScriptedCompletionModel(down), template, pool).critique(PROBLEM, STEPS)
+        await critic(ScriptedCompletionModel(down), template, local_pool).critique(PROBLEM, STEPS)
 
 
 async def test_without_a_sandbox_the_critic_judges_from_the_analysis(template) -> None:  # type: ignore[no-untyped-def]

@@ -9,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require_docker
+import pytest
 
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.critic_protocol import ANALYZE_PREFIX
 from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionResult, SamplingParams
-from critloop.tools.embedded import CachedModel
 from critloop.tools.openai_client import OpenAICompletionModel
 
 PROCESSBENCH = Path(__file__).parent / "data" / "processbench" / "gsm8k.json"  # see data/SOURCES.md
@@ -28,8 +27,9 @@ def shortest_records(n: int) -> list[dict]:
     return sorted(records, key=lambda r: (len(r["steps"]), r["id"]))[:n]
 
 
+@pytest.mark.docker
+@pytest.mark.model
 def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) -> None:
-    require_docker()
     records = shortest_records(2)
     data = tmp_path / "gsm8k.json"
     data.write_text(json.dumps(records))
@@ -87,7 +87,7 @@ class RecordingModel(OpenAICompletionModel):
 
 
 async def test_critic_through_a_llama_cpp_server_with_real_logprobs(
-    llama_server: str, embedded: CachedModel, docker_pool: SandboxPool
+    llama_server: str, embedded_template: ChatTemplate, docker_pool: SandboxPool
 ) -> None:
     record = shortest_records(1)[0]
     model = RecordingModel(llama_server, "smollm2", timeout_seconds=300)
@@ -95,7 +95,7 @@ async def test_critic_through_a_llama_cpp_server_with_real_logprobs(
     config = CriticConfig(
         profile="instruct", max_critique_tokens=160, code_rounds=1, forced_judgement_tokens=8
     )
-    critic = GenPRMCritic(model, ChatTemplate.from_pretrained(str(embedded.path)), docker_pool, config)
+    critic = GenPRMCritic(model, embedded_template, docker_pool, config)
     try:
         report = await critic.critique(record["problem"], record["steps"], scan="all")
     finally:

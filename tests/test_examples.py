@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_docker
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "sandbox_demo.py"
 PROBLEMS = ROOT / "examples" / "problems"
 
 
+@pytest.mark.slow
+@pytest.mark.docker
 def test_the_sandbox_demo_runs() -> None:
-    require_docker()
     done = subprocess.run(
         [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=180, check=False
     )

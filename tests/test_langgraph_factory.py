@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, get_args
 
@@ -17,7 +16,7 @@ from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.config import CritloopConfig
 from critloop.errors import CritloopError
 from critloop.graphs.refine import RefineContext, build_refine_graph, release_runs
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.solver import make_graph
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
@@ -26,12 +25,6 @@ from critloop.tools.fakes import ScriptedCompletionModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {"__start__", "policy", "critic", "refine", "finalize", "__end__"}
-
-
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
 
 
 def scripted_context(
@@ -69,10 +62,12 @@ def test_langgraph_json_names_an_importable_graph_factory() -> None:
 # --------------------------------------------------------------------------- runs
 
 
-async def test_the_factory_graph_runs_through_langgraph_with_a_context(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_factory_graph_runs_through_langgraph_with_a_context(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     graph = make_graph()
     assert graph.checkpointer is None
-    context, policy_model, critic_model = scripted_context(template, pool)
+    context, policy_model, critic_model = scripted_context(template, local_pool)
     try:
         state = await graph.ainvoke({"problem": PROBLEM}, context=context)
     finally:
@@ -86,9 +81,11 @@ async def test_the_factory_graph_runs_through_langgraph_with_a_context(template,
     assert policy_model.calls and critic_model.calls
 
 
-async def test_the_factory_graph_streams_custom_events_and_values(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_factory_graph_streams_custom_events_and_values(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     graph = make_graph()
-    context, _, _ = scripted_context(template, pool, budget=Budget(max_rounds=0))
+    context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=0))
     custom: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
     try:
@@ -114,11 +111,13 @@ async def test_a_graph_with_no_default_context_refuses_a_run_without_one() -> No
         await build_refine_graph().ainvoke({"problem": PROBLEM})
 
 
-async def test_runs_without_a_context_use_the_default_context_built_once(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_runs_without_a_context_use_the_default_context_built_once(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     built: list[RefineContext] = []
 
     async def default_context() -> RefineContext:
-        context, _, _ = scripted_context(template, pool, budget=Budget(max_rounds=1))
+        context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=1))
         built.append(context)
         return context
 
@@ -142,7 +141,7 @@ async def test_runs_without_a_context_use_the_default_context_built_once(templat
 
 
 async def test_make_graph_builds_its_default_context_from_critloop_config(
-    template: ChatTemplate, pool: SandboxPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    template: ChatTemplate, local_pool: SandboxPool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under ``langgraph dev`` runs bring no context: make_graph reads $CRITLOOP_CONFIG. The
     models it names are replaced by scripted ones; the budget comes from the file."""
@@ -154,7 +153,7 @@ async def test_make_graph_builds_its_default_context_from_critloop_config(
     def from_config(config: Any = None, **_: Any) -> Solver:
         assert isinstance(config, CritloopConfig)
         seen.append(config)
-        context, policy_model, _ = scripted_context(template, pool)
+        context, policy_model, _ = scripted_context(template, local_pool)
         critic = context.critic
         assert critic is not None
         return Solver(
@@ -170,7 +169,7 @@ async def test_make_graph_builds_its_default_context_from_critloop_config(
     assert len(seen) == 1 and seen[0].budget.max_rounds == 0
     assert seen[0].sandbox.backend == "local"
     assert state["stop_reason"] == "max_rounds" and state["final_steps"] == BAD and state["answer"] == "15"
-    # The server calls the factory for every run: they share one set of models and one pool.
+    # The server calls the factory for every run: they share one set of models and one local_pool.
     again = await make_graph().ainvoke({"problem": PROBLEM}, context={})
     assert again["stop_reason"] == "max_rounds" and len(seen) == 1
 
@@ -202,11 +201,13 @@ async def test_the_default_context_path_makes_no_blocking_call(
     assert state["final_steps"]
 
 
-async def test_an_empty_context_as_the_server_passes_keeps_the_default_budget(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_an_empty_context_as_the_server_passes_keeps_the_default_budget(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     built: list[RefineContext] = []
 
     async def default_context() -> RefineContext:
-        context, _, _ = scripted_context(template, pool, budget=Budget(max_rounds=0))
+        context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=0))
         built.append(context)
         return context
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,8 @@ from critloop.graphs.processbench import (
     metrics,
     read_results,
 )
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.embedded import CachedModel
 
 DATA = Path(__file__).parent / "data" / "processbench"  # see data/SOURCES.md
 
@@ -84,14 +82,8 @@ def test_bad_files_name_what_is_wrong(tmp_path: Path, content: str, message: str
         load_processbench(path)
 
 
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
-
-
 async def test_runner_predicts_writes_and_resumes(
-    embedded: CachedModel, pool: SandboxPool, tmp_path: Path
+    template: ChatTemplate, local_pool: SandboxPool, tmp_path: Path
 ) -> None:
     records = [
         ProcessBenchRecord(id="ok", split="gsm8k", problem="P1", steps=("a", "b"), label=-1),
@@ -106,7 +98,7 @@ async def test_runner_predicts_writes_and_resumes(
     model._script = lambda prompt, params: inner(prompt, params).replace(
         "{Yes}", "{" + plans(prompt).verdict + "}"
     )  # type: ignore[operator]
-    critic = GenPRMCritic(model, ChatTemplate.from_pretrained(str(embedded.path)), pool, CriticConfig())
+    critic = GenPRMCritic(model, template, local_pool, CriticConfig())
     out = tmp_path / "pb.jsonl"
     first = await evaluate_processbench(critic, records[:1], out)
     assert [r["prediction"] for r in first] == [-1]

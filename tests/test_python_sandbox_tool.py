@@ -28,12 +28,14 @@ def test_tool_contract() -> None:
     assert tool.args["code"]["type"] == "string"
 
 
+@pytest.mark.docker
 def test_tool_chooses_docker_and_keeps_state(docker_tool: PythonSandboxTool) -> None:
     assert docker_tool.invoke({"code": "x = 2 ** 10"}) == ""
     assert docker_tool.invoke({"code": "print(x)"}) == "1024"
     assert docker_tool._pool is not None and docker_tool._pool.status().backend == "docker"
 
 
+@pytest.mark.docker
 def test_tool_reports_errors_with_a_status_line(docker_tool: PythonSandboxTool) -> None:
     out = docker_tool.invoke({"code": "print('before')\nundefined_name"})
     lines = out.splitlines()
@@ -42,6 +44,7 @@ def test_tool_reports_errors_with_a_status_line(docker_tool: PythonSandboxTool) 
     assert lines[-1] == "[status: error: NameError: name 'undefined_name' is not defined]"
 
 
+@pytest.mark.docker
 def test_tool_reports_timeouts(docker_tool: PythonSandboxTool) -> None:
     tool = PythonSandboxTool(timeout_seconds=0.3)
     try:
@@ -51,13 +54,14 @@ def test_tool_reports_timeouts(docker_tool: PythonSandboxTool) -> None:
         tool.close()
 
 
+@pytest.mark.docker
 async def test_tool_works_from_async_code(docker_tool: PythonSandboxTool) -> None:
     assert await docker_tool.ainvoke({"code": "y = 7"}) == ""
     assert await docker_tool.ainvoke({"code": "print(y * 6)"}) == "42"
 
 
+@pytest.mark.docker
 def test_tool_reset_and_reuse_after_close() -> None:
-    require_docker()
     tool = PythonSandboxTool()
     tool.invoke({"code": "z = 1"})
     tool.reset()

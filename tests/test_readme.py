@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from conftest import require_docker
 
 from critloop import SolveResult, StopReason, load_config
 from critloop.graphs.refine import build_refine_graph
@@ -81,14 +80,15 @@ def test_every_python_block_is_checked_and_compiles() -> None:
         block(marker)  # exactly one block each
 
 
+@pytest.mark.docker
 @pytest.mark.parametrize(("marker", "expected"), list(EXACT.items()), ids=["sandbox", "langchain-tool"])
 def test_readme_example_runs(marker: str, expected: str, tmp_path: Path) -> None:
-    require_docker()
     done = run(block(marker), tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected
 
 
+@pytest.mark.model
 def test_the_three_line_python_api_example_runs_as_written(tmp_path: Path) -> None:
     """The embedded model in every role, the default sandbox (Docker where an engine answers),
     one refinement round and 180 s at most (a model call in flight when the time is up is cut at
@@ -107,6 +107,7 @@ def test_the_three_line_python_api_example_runs_as_written(tmp_path: Path) -> No
     assert printed.splitlines()[-1] == f"{result.answer} {result.stop_reason}"
 
 
+@pytest.mark.model
 def test_the_streaming_example_runs_against_a_config_file(tmp_path: Path) -> None:
     (tmp_path / "critloop.toml").write_text(SMALL_CONFIG)
     done = run(block(STREAMING), tmp_path, timeout=600)

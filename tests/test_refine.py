@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,10 @@ from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_sc
 from critloop import Budget, CompletionWriter, Solver, extract_answer, join_steps, split_steps
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.errors import ModelEndpointError
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionResult, SamplingParams
 from critloop.tools.fakes import ScriptedCompletionModel
-
-
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
 
 
 def solver(
@@ -86,22 +79,24 @@ def test_the_answer_is_the_last_boxed_content_with_nested_braces(text: str, answ
 # --------------------------------------------------------------------------- the loop
 
 
-async def test_a_solution_that_passes_first_time(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_solution_that_passes_first_time(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy, critic = policy_script(initial=GOOD), critic_by_content(wrong_15)
-    result = await solver(template, pool, policy, critic).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic).asolve(PROBLEM)
     assert result.stop_reason == "all_steps_pass" and result.error is None
     assert result.final_steps == result.initial_steps == GOOD
     assert result.answer == "14" and result.rounds == []
     assert len(result.step_rewards) == 3 and all(r > 0.5 for r in result.step_rewards)
     assert result.usage.policy.calls == 1 and result.usage.refiner.calls == 0
     assert result.usage.critic.calls == len(critic.calls) == 3 * 2 * 3  # steps x chains x stages
-    assert pool.status().sessions == 0
+    assert local_pool.status().sessions == 0
     result.model_dump_json()
 
 
-async def test_an_error_at_step_k_is_fixed_in_one_round_reusing_the_prefix(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_an_error_at_step_k_is_fixed_in_one_round_reusing_the_prefix(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     policy, critic = policy_script(), critic_by_content(wrong_15)
-    events = [e async for e in solver(template, pool, policy, critic).astream(PROBLEM)]
+    events = [e async for e in solver(template, local_pool, policy, critic).astream(PROBLEM)]
     result = events[-1]["result"]
     assert result.stop_reason == "all_steps_pass"
     assert result.initial_steps == BAD and result.final_steps == GOOD and result.answer == "14"
@@ -128,7 +123,9 @@ async def test_an_error_at_step_k_is_fixed_in_one_round_reusing_the_prefix(templ
     assert result.usage.refiner.calls == 1 and result.usage.policy.calls == 2
 
 
-async def test_never_fixed_stops_at_max_rounds_with_the_best_solution(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_never_fixed_stops_at_max_rounds_with_the_best_solution(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     tries = iter(range(1, 10))
     policy = policy_script(continuation=["So it is 15."])
     inner = policy._script
@@ -140,7 +137,7 @@ async def test_never_fixed_stops_at_max_rounds_with_the_best_solution(template, 
 
     policy._script = respond
     critic = critic_by_content(lambda step: "15" in step)
-    result = await solver(template, pool, policy, critic, budget=Budget(max_rounds=2)).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic, budget=Budget(max_rounds=2)).asolve(PROBLEM)
     assert result.stop_reason == "max_rounds" and result.error is None
     assert [r["rewrite"] for r in result.rounds] == ["Then 2 + 12 = 15 (try 1).", "Then 2 + 12 = 15 (try 2)."]
     # Every solution failed at step 2 with the same rewards: the earliest one is kept.
@@ -148,17 +145,19 @@ async def test_never_fixed_stops_at_max_rounds_with_the_best_solution(template, 
     assert result.answer == "15"
 
 
-async def test_a_rewrite_that_changes_nothing_stops_with_no_progress(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_rewrite_that_changes_nothing_stops_with_no_progress(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     policy = policy_script(rewrite=BAD[1], continuation=[BAD[2]])
-    result = await solver(template, pool, policy, critic_by_content(wrong_15)).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic_by_content(wrong_15)).asolve(PROBLEM)
     assert result.stop_reason == "no_progress" and "already critiqued" in (result.error or "")
     assert len(result.rounds) == 1
 
 
-async def test_the_token_budget_stops_the_loop(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_token_budget_stops_the_loop(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy = policy_script(rewrite="Then 2 + 12 = 15 again.", continuation=["So it is 15."])
     critic = critic_by_content(lambda step: "15" in step)
-    result = await solver(template, pool, policy, critic, budget=Budget(max_tokens=50)).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic, budget=Budget(max_tokens=50)).asolve(PROBLEM)
     assert result.stop_reason == "max_tokens" and result.rounds == []
     assert result.usage.completion_tokens >= 50
 
@@ -178,32 +177,40 @@ class _Stalled(ScriptedCompletionModel):
         return await super().complete(prompt, params)
 
 
-async def test_the_time_budget_cancels_a_stalled_call_and_keeps_the_trace(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_time_budget_cancels_a_stalled_call_and_keeps_the_trace(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     policy = _Stalled(policy_script(), answers=1)  # writes the first solution, then stalls
     budget = Budget(max_seconds=1.0)
-    result = await solver(template, pool, policy, critic_by_content(wrong_15), budget=budget).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic_by_content(wrong_15), budget=budget).asolve(
+        PROBLEM
+    )
     assert result.stop_reason == "max_seconds"
     assert result.initial_steps == BAD and result.final_steps == BAD
     assert 1.0 <= result.seconds < 10
-    assert pool.status().sessions == 0
+    assert local_pool.status().sessions == 0
 
 
-async def test_an_empty_policy_answer_stops_with_an_error(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_an_empty_policy_answer_stops_with_an_error(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     policy = ScriptedCompletionModel(["\n\n  \n"])
     critic = critic_by_content(wrong_15)
-    result = await solver(template, pool, policy, critic).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic).asolve(PROBLEM)
     assert result.stop_reason == "error" and "empty solution" in (result.error or "")
     assert result.final_steps == [] and critic.calls == []
 
 
-async def test_an_unsplittable_answer_is_one_step(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_an_unsplittable_answer_is_one_step(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy = ScriptedCompletionModel(["3 * 4 = 12 and 2 + 12 = 14, so the answer is $\\boxed{14}$."])
-    result = await solver(template, pool, policy, critic_by_content(wrong_15)).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic_by_content(wrong_15)).asolve(PROBLEM)
     assert result.stop_reason == "all_steps_pass"
     assert len(result.final_steps) == 1 and result.answer == "14"
 
 
-async def test_a_critic_infrastructure_failure_stops_with_error_and_keeps_the_trace(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_critic_infrastructure_failure_stops_with_error_and_keeps_the_trace(
+    template, local_pool
+) -> None:  # type: ignore[no-untyped-def]
     critic = critic_by_content(wrong_15)
     inner = critic._script
 
@@ -213,17 +220,19 @@ async def test_a_critic_infrastructure_failure_stops_with_error_and_keeps_the_tr
         return inner(prompt, params)  # type: ignore[operator]
 
     critic._script = failing
-    result = await solver(template, pool, policy_script(), critic).asolve(PROBLEM)
+    result = await solver(template, local_pool, policy_script(), critic).asolve(PROBLEM)
     assert result.stop_reason == "error"
     assert result.error is not None and "ModelEndpointError" in result.error and "127.0.0.1:9" in result.error
     assert result.initial_steps == BAD and result.final_steps == BAD
     assert result.usage.policy.calls == 1
-    assert pool.status().sessions == 0
+    assert local_pool.status().sessions == 0
 
 
-async def test_full_mode_rewrites_the_whole_solution(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_full_mode_rewrites_the_whole_solution(template: ChatTemplate, local_pool: SandboxPool) -> None:
     policy = policy_script()
-    result = await solver(template, pool, policy, critic_by_content(wrong_15), mode="full").asolve(PROBLEM)
+    result = await solver(template, local_pool, policy, critic_by_content(wrong_15), mode="full").asolve(
+        PROBLEM
+    )
     assert result.stop_reason == "all_steps_pass" and result.final_steps == GOOD
     prompt = policy.calls[1][0]
     assert "There might be some problem in this paragraph of your reasoning" in prompt
@@ -231,15 +240,19 @@ async def test_full_mode_rewrites_the_whole_solution(template, pool) -> None:  #
     assert result.rounds[0]["rewrite"] == join_steps(GOOD)
 
 
-async def test_a_langchain_chat_model_as_policy_continues_by_instruction(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_a_langchain_chat_model_as_policy_continues_by_instruction(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     chat = FakeListChatModel(responses=[join_steps(BAD), "Then 2 + 12 = 14.", "The answer is $\\boxed{14}$."])
-    result = await solver(template, pool, chat, critic_by_content(wrong_15)).asolve(PROBLEM)
+    result = await solver(template, local_pool, chat, critic_by_content(wrong_15)).asolve(PROBLEM)
     assert result.stop_reason == "all_steps_pass" and result.final_steps == GOOD
 
 
-async def test_abandoning_a_run_cancels_the_node_in_flight_and_frees_its_sessions(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_abandoning_a_run_cancels_the_node_in_flight_and_frees_its_sessions(
+    template, local_pool
+) -> None:  # type: ignore[no-untyped-def]
     gate = Gate(critic_by_content(wrong_15))
-    run = asyncio.create_task(solver(template, pool, policy_script(), gate).asolve(PROBLEM))
+    run = asyncio.create_task(solver(template, local_pool, policy_script(), gate).asolve(PROBLEM))
     await gate.entered.wait()
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -247,20 +260,22 @@ async def test_abandoning_a_run_cancels_the_node_in_flight_and_frees_its_session
     # LangGraph would let the node run on; critloop cancels it where it waits.
     await asyncio.wait_for(gate.cancelled.wait(), timeout=10)
     async with asyncio.timeout(10):
-        while pool.status().sessions:  # a session still opening is released when it arrives
+        while local_pool.status().sessions:  # a session still opening is released when it arrives
             await asyncio.sleep(0.01)
 
 
-async def test_no_blocking_call_inside_the_graph(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_no_blocking_call_inside_the_graph(template: ChatTemplate, local_pool: SandboxPool) -> None:
     from blockbuster import blockbuster_ctx
 
-    runner = solver(template, pool, policy_script(), critic_by_content(wrong_15))
+    runner = solver(template, local_pool, policy_script(), critic_by_content(wrong_15))
     with blockbuster_ctx():
         result = await runner.asolve(PROBLEM)
     assert result.stop_reason == "all_steps_pass"
 
 
-async def test_the_blocking_checker_does_catch_a_blocking_call(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_the_blocking_checker_does_catch_a_blocking_call(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     import time
 
     from blockbuster import BlockingError, blockbuster_ctx
@@ -273,13 +288,13 @@ async def test_the_blocking_checker_does_catch_a_blocking_call(template, pool) -
         return inner(prompt, params)  # type: ignore[operator]
 
     policy._script = blocking
-    runner = solver(template, pool, policy, critic_by_content(wrong_15))
+    runner = solver(template, local_pool, policy, critic_by_content(wrong_15))
     with blockbuster_ctx(), pytest.raises(BlockingError):
         await runner.asolve(PROBLEM)
 
 
 async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating_calls(  # type: ignore[no-untyped-def]
-    template, pool, tmp_path: Path
+    template, local_pool, tmp_path: Path
 ) -> None:
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
@@ -295,7 +310,7 @@ async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating
     async with AsyncSqliteSaver.from_conn_string(db) as saver:
         runner = solver(
             template,
-            pool,
+            local_pool,
             first_policy,
             first_critic,
             refiner=ScriptedCompletionModel(dies),
@@ -308,7 +323,7 @@ async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating
     # A new process: new models, the same database and thread.
     policy, critic = policy_script(), critic_by_content(wrong_15)
     async with AsyncSqliteSaver.from_conn_string(db) as saver:
-        runner = solver(template, pool, policy, critic, checkpointer=saver)
+        runner = solver(template, local_pool, policy, critic, checkpointer=saver)
         result = await runner.asolve(PROBLEM, thread_id="problem-1")
         assert result.stop_reason == "all_steps_pass" and result.final_steps == GOOD
         # Nothing finished before the kill ran again: no first solution, no critique of step 1,
@@ -317,7 +332,7 @@ async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating
         assert "Write a corrected version" in policy.calls[0][0]
         assert sorted(set(paragraphs(critic))) == [2, 3] and len(critic.calls) == 2 * 3 * 2
         # A finished thread answers from the checkpoint alone.
-        again = solver(template, pool, policy_script(), critic_by_content(wrong_15), checkpointer=saver)
+        again = solver(template, local_pool, policy_script(), critic_by_content(wrong_15), checkpointer=saver)
         before = len(critic.calls)
         repeat = await again.asolve(PROBLEM, thread_id="problem-1")
         assert repeat.final_steps == GOOD and len(critic.calls) == before
@@ -326,9 +341,15 @@ async def test_a_killed_run_resumes_from_its_sqlite_checkpoint_without_repeating
 def test_a_solver_from_config_solves_again_after_solve_closed_it(template) -> None:  # type: ignore[no-untyped-def]
     from critloop import CritloopConfig
 
-    config = CritloopConfig.model_validate({"sandbox": {"backend": "local", "pool_size": 1}})
+    # Scripted roles replace the models: endpoints never called, on the template fixture's in-repo
+    # tokenizer (the embedded default would fetch the model only for it to be swapped out).
+    tokenizer = str(Path(__file__).parent / "data" / "tokenizer")
+    endpoint = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "tokenizer": tokenizer}
+    config = CritloopConfig.model_validate(
+        {"policy": endpoint, "critic": endpoint, "sandbox": {"backend": "local", "pool_size": 1}}
+    )
     runner = Solver.from_config(config)
-    # The embedded models would be slow here: swap in scripted roles, keep the owned pool.
+    # Swap in scripted roles, keep the owned pool.
     writer = CompletionWriter(policy_script(initial=GOOD), template, SamplingParams())
     runner.policy.writer = runner.refiner.writer = writer
     runner.critic.model = critic_by_content(wrong_15)

@@ -98,7 +98,7 @@ async def hostile_pool(foreign_containers: set[str]) -> AsyncIterator[SandboxPoo
 
 
 @pytest.fixture
-async def pool(hostile_pool: SandboxPool) -> SandboxPool:
+async def live_pool(hostile_pool: SandboxPool) -> SandboxPool:
     """The module's pool, with a live kernel (an earlier case may have killed the last one)."""
     await wait_until(lambda: hostile_pool.status().kernels >= 1, "a live kernel", timeout=60)
     return hostile_pool
@@ -204,22 +204,22 @@ def assert_truncated(text: str, *, kept: int, total: int) -> None:
 # --------------------------------------------------------------------------- run time
 
 
-async def test_infinite_loop_is_interrupted_at_the_deadline(pool: SandboxPool) -> None:
+async def test_infinite_loop_is_interrupted_at_the_deadline(live_pool: SandboxPool) -> None:
     """A busy loop gets KeyboardInterrupt at the deadline; the session keeps its state."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 'yes'")
         result = await run(session, "while True:\n    pass", timeout=TIMEOUT)
         assert_timed_out(result)
         assert result.state_survived and "KeyboardInterrupt" in result.stderr
         assert (await session.exec("print(kept)")).stdout == "yes\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_loop_swallowing_keyboard_interrupt_is_killed(pool: SandboxPool) -> None:
+async def test_loop_swallowing_keyboard_interrupt_is_killed(live_pool: SandboxPool) -> None:
     """A loop that catches KeyboardInterrupt and goes on is SIGKILLed after the grace."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
-        with_session = await processes(pool)
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
+        with_session = await processes(live_pool)
         await session.exec("kept = 'yes'")
         result = await run(
             session,
@@ -234,11 +234,11 @@ async def test_loop_swallowing_keyboard_interrupt_is_killed(pool: SandboxPool) -
             timeout=TIMEOUT,
         )
         assert_killed_at_deadline(result)
-        assert await processes(pool) == with_session  # one fresh worker, nothing else
+        assert await processes(live_pool) == with_session  # one fresh worker, nothing else
         after = await session.exec("print('kept' in globals())")
         assert (after.status, after.stdout) == ("ok", "False\n")
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
 @pytest.mark.parametrize(
@@ -259,30 +259,30 @@ async def test_loop_swallowing_keyboard_interrupt_is_killed(pool: SandboxPool) -
         ),
     ],
 )
-async def test_code_defeating_the_interrupt_is_killed(pool: SandboxPool, setup: str) -> None:
+async def test_code_defeating_the_interrupt_is_killed(live_pool: SandboxPool, setup: str) -> None:
     """Ignoring, blocking or replacing SIGINT cannot outlive the deadline: SIGKILL follows."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(session, f"import signal\n{setup}\nwhile True:\n    pass", timeout=TIMEOUT)
         assert_killed_at_deadline(result)
         if "lambda" in setup:
             assert "not stopping" in result.stdout  # the handler ran, and did not save the loop
         after = await session.exec("import signal\nprint(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
         assert (after.status, after.stdout) == ("ok", "False\n")  # the fresh worker is clean
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_signal_handlers_set_by_one_run_do_not_protect_the_next(pool: SandboxPool) -> None:
+async def test_signal_handlers_set_by_one_run_do_not_protect_the_next(live_pool: SandboxPool) -> None:
     """A run that ignores SIGINT and returns cannot make a later run uninterruptible."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         first = await session.exec("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nkept = 1")
         assert first.ok, first.text()
         result = await run(session, "while True:\n    pass", timeout=TIMEOUT)
         assert_timed_out(result)
         assert result.state_survived  # the kernel re-armed its own handler: a clean interrupt
         assert (await session.exec("print(kept)")).stdout == "1\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 @pytest.mark.parametrize(
@@ -294,14 +294,14 @@ async def test_signal_handlers_set_by_one_run_do_not_protect_the_next(pool: Sand
         ),
     ],
 )
-async def test_c_code_that_never_checks_signals_is_killed(pool: SandboxPool, source: str) -> None:
+async def test_c_code_that_never_checks_signals_is_killed(live_pool: SandboxPool, source: str) -> None:
     """C code that never returns to the interpreter cannot see SIGINT: it is SIGKILLed."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(session, source, timeout=TIMEOUT)
         assert_killed_at_deadline(result)
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
 @pytest.mark.parametrize(
@@ -312,20 +312,20 @@ async def test_c_code_that_never_checks_signals_is_killed(pool: SandboxPool, sou
         pytest.param("x = str(7**(2*10**6))", id="huge-int-to-str"),
     ],
 )
-async def test_long_c_level_work_is_bounded(pool: SandboxPool, source: str) -> None:
+async def test_long_c_level_work_is_bounded(live_pool: SandboxPool, source: str) -> None:
     """Long big-number or regex work ends at the deadline (interrupted or killed)."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(session, source, timeout=TIMEOUT)
         assert_timed_out(result)
         if not result.state_survived:
             assert result.error is not None and "killed" in result.error
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_daemon_threads_do_not_hold_the_run_or_outlive_the_session(pool: SandboxPool) -> None:
+async def test_daemon_threads_do_not_hold_the_run_or_outlive_the_session(live_pool: SandboxPool) -> None:
     """Threads left printing after a run neither block it nor leak output; close kills them."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -350,15 +350,15 @@ async def test_daemon_threads_do_not_hold_the_run_or_outlive_the_session(pool: S
         match = re.search(r"threads=(\d+)", count.stdout)
         assert count.ok and match is not None and int(match.group(1)) >= 6, count.text()[-300:]
         # Another session never sees the chatter.
-        await assert_fresh_session_works(pool)
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+        await assert_fresh_session_works(live_pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_background_process_writing_to_stdout_does_not_hang_the_run(pool: SandboxPool) -> None:
+async def test_background_process_writing_to_stdout_does_not_hang_the_run(live_pool: SandboxPool) -> None:
     """A child that keeps the output pipe open and keeps writing cannot hold the run open."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -371,8 +371,8 @@ async def test_background_process_writing_to_stdout_does_not_hang_the_run(pool: 
         )
         assert result.status == "ok", result.text()
         assert "spawned\n" in result.stdout and result.duration < 2.0
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- processes
@@ -439,52 +439,52 @@ print(json.dumps({
 """
 
 
-async def test_fork_bomb_is_bounded_by_the_pids_limit(pool: SandboxPool) -> None:
+async def test_fork_bomb_is_bounded_by_the_pids_limit(live_pool: SandboxPool) -> None:
     """A fork bomb hits the container's pids limit; neighbours live on; close kills all of it."""
-    baseline = await processes(pool)
-    victim = await victim_session(pool)
-    with_victim = await processes(pool)
-    replaced = pool.status().kernels_replaced
+    baseline = await processes(live_pool)
+    victim = await victim_session(live_pool)
+    with_victim = await processes(live_pool)
+    replaced = live_pool.status().kernels_replaced
     try:
-        async with await pool.open_session() as session:
+        async with await live_pool.open_session() as session:
             report = await run_json(session, f"BOMB = {code(FORK_BOMB)!r}\n" + code(SATURATING_FORK_BOMB))
             assert int(report["limit"]) == PIDS_LIMIT
             assert 100 < report["peak"] <= PIDS_LIMIT  # the bomb ran into the limit, and it held
-            during = await processes(pool)
+            during = await processes(live_pool)
             assert 100 < during <= PIDS_LIMIT
             await assert_victim_intact(victim)  # it needs no new process: unaffected
-        await assert_processes_return_to(pool, with_victim)
-        assert pool.status().kernels_replaced == replaced
+        await assert_processes_return_to(live_pool, with_victim)
+        assert live_pool.status().kernels_replaced == replaced
         await assert_victim_intact(victim)
     finally:
         await victim.close()
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_fork_bomb_that_ignores_sigint_does_not_crash_the_kernel(pool: SandboxPool) -> None:
+async def test_fork_bomb_that_ignores_sigint_does_not_crash_the_kernel(live_pool: SandboxPool) -> None:
     """A fork bomb killed at its deadline must not take down the other sessions of its kernel."""
-    victim = await victim_session(pool)
-    replaced = pool.status().kernels_replaced
+    victim = await victim_session(live_pool)
+    replaced = live_pool.status().kernels_replaced
     try:
-        async with await pool.open_session() as session:
+        async with await live_pool.open_session() as session:
             bomb = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + code(FORK_BOMB)
             result = await run(session, bomb, timeout=TIMEOUT)
             assert result.status in ("timeout", "killed"), result.text()
-            await wait_until(lambda: pool.status().kernels >= 1, "a live kernel")
-            await assert_fresh_session_works(pool)
+            await wait_until(lambda: live_pool.status().kernels >= 1, "a live kernel")
+            await assert_fresh_session_works(live_pool)
             # The containment that must hold: the bomb is killed, the kernel lives on.
             assert (result.status, result.state_survived) == ("timeout", False), result.text()
-            assert pool.status().kernels_replaced == replaced
+            assert live_pool.status().kernels_replaced == replaced
             await assert_victim_intact(victim)
     finally:
         await victim.close()
 
 
-async def test_worker_death_is_noticed_while_its_child_lives(pool: SandboxPool) -> None:
+async def test_worker_death_is_noticed_while_its_child_lives(live_pool: SandboxPool) -> None:
     """A worker that exits while a forked child holds its channel is reported killed at once."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -500,17 +500,17 @@ async def test_worker_death_is_noticed_while_its_child_lives(pool: SandboxPool) 
         )
         assert result.state_survived is False
         assert (await session.exec("print(6*7)")).stdout == "42\n"
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
     assert result.status == "killed", result.text()
     assert result.error is not None and "exit code 3" in result.error
 
 
-async def test_setsid_and_double_forked_orphans_die_with_the_session(pool: SandboxPool) -> None:
+async def test_setsid_and_double_forked_orphans_die_with_the_session(live_pool: SandboxPool) -> None:
     """Processes that detach (setsid, double fork, new session) are still killed on close."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
-        with_session = await processes(pool)
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
+        with_session = await processes(live_pool)
         result = await run(
             session,
             """
@@ -533,16 +533,16 @@ async def test_setsid_and_double_forked_orphans_die_with_the_session(pool: Sandb
             """,
         )
         assert (result.status, result.stdout) == ("ok", "detached\n"), result.text()
-        assert await processes(pool) >= with_session + 3
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+        assert await processes(live_pool) >= with_session + 3
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_orphans_die_when_their_worker_dies(pool: SandboxPool) -> None:
+async def test_orphans_die_when_their_worker_dies(live_pool: SandboxPool) -> None:
     """A run that starts detached processes and then kills its own worker leaves nothing."""
-    baseline = await processes(pool)
-    async with await pool.open_session() as session:
-        with_session = await processes(pool)
+    baseline = await processes(live_pool)
+    async with await live_pool.open_session() as session:
+        with_session = await processes(live_pool)
         result = await run(
             session,
             """
@@ -553,10 +553,10 @@ async def test_orphans_die_when_their_worker_dies(pool: SandboxPool) -> None:
             """,
         )
         assert (result.status, result.state_survived) == ("killed", False), result.text()
-        await assert_processes_return_to(pool, with_session)
+        await assert_processes_return_to(live_pool, with_session)
         assert (await session.exec("print(6*7)")).stdout == "42\n"
-    await assert_processes_return_to(pool, baseline)
-    await assert_fresh_session_works(pool)
+    await assert_processes_return_to(live_pool, baseline)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- memory
@@ -571,13 +571,13 @@ async def test_orphans_die_when_their_worker_dies(pool: SandboxPool) -> None:
         pytest.param("s = 'x'\nwhile True:\n    s += s", id="string-doubling"),
     ],
 )
-async def test_memory_bomb_hits_the_container_limit_only(pool: SandboxPool, source: str) -> None:
+async def test_memory_bomb_hits_the_container_limit_only(live_pool: SandboxPool, source: str) -> None:
     """A memory bomb dies of MemoryError or the OOM killer; the kernel and neighbours live on."""
-    victim = await victim_session(pool)
-    supervisors = await supervisor_pids(pool)
-    replaced = pool.status().kernels_replaced
+    victim = await victim_session(live_pool)
+    supervisors = await supervisor_pids(live_pool)
+    replaced = live_pool.status().kernels_replaced
     try:
-        async with await pool.open_session() as session:
+        async with await live_pool.open_session() as session:
             limits = await run_json(session, CGROUP_READER)
             assert int(limits["memory_max"]) == MEMORY_MB << 20
             result = await run(session, source, timeout=10.0)
@@ -587,22 +587,22 @@ async def test_memory_bomb_hits_the_container_limit_only(pool: SandboxPool, sour
                 assert result.status == "killed", result.text()
                 assert result.error is not None and "SIGKILL" in result.error
             assert (await session.exec("print(6*7)")).stdout == "42\n"
-        assert await supervisor_pids(pool) == supervisors
-        assert pool.status().kernels_replaced == replaced
+        assert await supervisor_pids(live_pool) == supervisors
+        assert live_pool.status().kernels_replaced == replaced
         await assert_victim_intact(victim)
     finally:
         await victim.close()
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_impossible_allocation_is_a_memory_error(pool: SandboxPool) -> None:
+async def test_impossible_allocation_is_a_memory_error(live_pool: SandboxPool) -> None:
     """An allocation far beyond the limit fails at once with MemoryError; state survives."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 1")
         result = await run(session, "x = ' ' * 10**12")
         assert (result.status, result.error, result.state_survived) == ("error", "MemoryError", True)
         assert (await session.exec("print(kept)")).stdout == "1\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- output
@@ -634,22 +634,22 @@ async def test_impossible_allocation_is_a_memory_error(pool: SandboxPool) -> Non
     ],
 )
 async def test_huge_output_is_capped_with_a_marker(
-    pool: SandboxPool, source: str, stream: int, total: int, cap: int
+    live_pool: SandboxPool, source: str, stream: int, total: int, cap: int
 ) -> None:
     """Output floods from Python, raw fds and children are capped, counted and marked."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(session, source, max_output=cap)
         assert result.status == "ok", result.error
         assert result.truncated
         assert_truncated(result.stdout if stream == 1 else result.stderr, kept=cap, total=total)
         assert result.duration < 5.0
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_output_imitating_protocol_frames_stays_plain_output(pool: SandboxPool) -> None:
+async def test_output_imitating_protocol_frames_stays_plain_output(live_pool: SandboxPool) -> None:
     """Length-prefixed JSON written to stdout and stderr comes back verbatim, never parsed."""
-    supervisors = await supervisor_pids(pool)
-    async with await pool.open_session() as session:
+    supervisors = await supervisor_pids(live_pool)
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -674,8 +674,8 @@ async def test_output_imitating_protocol_frames_stays_plain_output(pool: Sandbox
         assert result.stdout == forged + ready + "\x7f\ufffd\ufffd\ufffd"
         assert result.stderr == forged
         assert (await session.exec("print('still framed')")).stdout == "still framed\n"
-    assert await supervisor_pids(pool) == supervisors
-    await assert_fresh_session_works(pool)
+    assert await supervisor_pids(live_pool) == supervisors
+    await assert_fresh_session_works(live_pool)
 
 
 FIND_CHANNEL = """
@@ -697,32 +697,32 @@ channel = socket.socket(fileno=os.dup(channel_fd))
     ],
 )
 async def test_forged_frames_on_the_worker_channel_only_hurt_their_session(
-    pool: SandboxPool, payload: str, why: str
+    live_pool: SandboxPool, payload: str, why: str
 ) -> None:
     """Garbage written to the worker's own control socket kills that worker, nothing else."""
-    victim = await victim_session(pool)
-    supervisors = await supervisor_pids(pool)
+    victim = await victim_session(live_pool)
+    supervisors = await supervisor_pids(live_pool)
     try:
-        async with await pool.open_session() as session:
+        async with await live_pool.open_session() as session:
             await session.exec("kept = 1")
             result = await run(session, FIND_CHANNEL + f"channel.sendall({payload})\nprint('sent')")
             assert (result.status, result.state_survived) == ("killed", False), result.text()
             assert result.error is not None and why in result.error
             after = await session.exec("print('kept' in globals())")
             assert (after.status, after.stdout) == ("ok", "False\n")
-        assert await supervisor_pids(pool) == supervisors
+        assert await supervisor_pids(live_pool) == supervisors
         await assert_victim_intact(victim)
     finally:
         await victim.close()
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- disk
 
 
-async def test_filling_tmp_stops_at_the_tmpfs_size(pool: SandboxPool) -> None:
+async def test_filling_tmp_stops_at_the_tmpfs_size(live_pool: SandboxPool) -> None:
     """Writing to /tmp ends with ENOSPC at the tmpfs size (or at once, if /tmp is read-only)."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -750,13 +750,13 @@ async def test_filling_tmp_stops_at_the_tmpfs_size(pool: SandboxPool) -> None:
             assert report["total"] == TMPFS_MB << 20
             assert report["written"] <= TMPFS_MB << 20 and report["free"] < 1 << 20
             assert report["after"] == TMPFS_MB << 20
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_filling_the_work_dir_is_bounded_and_freed_on_close(pool: SandboxPool) -> None:
+async def test_filling_the_work_dir_is_bounded_and_freed_on_close(live_pool: SandboxPool) -> None:
     """Filling the session's directory stops at ENOSPC; closing the session frees the space."""
-    (before,) = [kernel["disk"]["free"] for kernel in await pool.ping()]
-    async with await pool.open_session() as session:
+    (before,) = [kernel["disk"]["free"] for kernel in await live_pool.ping()]
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -773,16 +773,16 @@ async def test_filling_the_work_dir_is_bounded_and_freed_on_close(pool: SandboxP
             """,
         )
         assert report["error"] == "ENOSPC" and report["cwd"].startswith("/work/")
-        ((during, total),) = [(k["disk"]["free"], k["disk"]["total"]) for k in await pool.ping()]
+        ((during, total),) = [(k["disk"]["free"], k["disk"]["total"]) for k in await live_pool.ping()]
         assert total == TMPFS_MB << 20 and during < 1 << 20
-    (after,) = [kernel["disk"]["free"] for kernel in await pool.ping()]
+    (after,) = [kernel["disk"]["free"] for kernel in await live_pool.ping()]
     assert after == before
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_file_size_limit_stops_a_single_huge_file(pool: SandboxPool) -> None:
+async def test_file_size_limit_stops_a_single_huge_file(live_pool: SandboxPool) -> None:
     """RLIMIT_FSIZE stops one file at the limit with EFBIG (SIGXFSZ does not kill the worker)."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -805,7 +805,7 @@ async def test_file_size_limit_stops_a_single_huge_file(pool: SandboxPool) -> No
             "size": MAX_FILE_MB << 20,
             "limit": [MAX_FILE_MB << 20, MAX_FILE_MB << 20],
         }
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 WRITE_ATTEMPT = """
@@ -841,20 +841,20 @@ else:
         ),
     ],
 )
-async def test_writes_outside_the_tmpfs_are_refused(pool: SandboxPool, action: str) -> None:
+async def test_writes_outside_the_tmpfs_are_refused(live_pool: SandboxPool, action: str) -> None:
     """The root file system (kernel, stdlib, /etc, /proc/sys, cgroups) is read-only."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(session, WRITE_ATTEMPT.format(action=action))
         assert result.status == "ok", result.text()
         assert result.stdout.strip() in ("EROFS", "EACCES", "EPERM"), result.stdout
         kernel = await session.exec("print(open('/opt/critloop/kernel.py').read().endswith('# pwned'))")
         assert kernel.stdout == "False\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_writable_places_are_noexec(pool: SandboxPool) -> None:
+async def test_writable_places_are_noexec(live_pool: SandboxPool) -> None:
     """Binaries and scripts dropped in the work dir, /tmp or /dev/shm cannot be executed."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -879,19 +879,19 @@ async def test_writable_places_are_noexec(pool: SandboxPool) -> None:
         )
         assert report["."] == "EACCES", report
         assert all(v == "EACCES" or v.startswith("not writable") for v in report.values()), report
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_tmp_and_shm_files_do_not_outlive_their_session(pool: SandboxPool) -> None:
+async def test_tmp_and_shm_files_do_not_outlive_their_session(live_pool: SandboxPool) -> None:
     """Files a session leaves in /tmp or /dev/shm must not be visible to a later session."""
-    async with await pool.open_session() as writer:
+    async with await live_pool.open_session() as writer:
         result = await writer.exec(
             "for p in ('/tmp/left-behind', '/dev/shm/left-behind'):\n"
             "    try:\n        open(p, 'w').write('secret of a closed session')\n"
             "    except OSError:\n        pass"
         )
         assert result.ok, result.text()
-    async with await pool.open_session() as reader:
+    async with await live_pool.open_session() as reader:
         leaked = await run_json(
             reader,
             """
@@ -902,7 +902,7 @@ async def test_tmp_and_shm_files_do_not_outlive_their_session(pool: SandboxPool)
             print(json.dumps(found))
             """,
         )
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
     assert leaked == []
 
 
@@ -918,9 +918,9 @@ async def test_tmp_and_shm_files_do_not_outlive_their_session(pool: SandboxPool)
         pytest.param("AF_INET6", ("2606:4700:4700::1111", 443), id="tcp-ipv6"),
     ],
 )
-async def test_tcp_egress_fails(pool: SandboxPool, family: str, address: tuple[str, int]) -> None:
+async def test_tcp_egress_fails(live_pool: SandboxPool, family: str, address: tuple[str, int]) -> None:
     """TCP connections to the internet or the host's Docker bridge fail at once."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             f"""
@@ -937,12 +937,12 @@ async def test_tcp_egress_fails(pool: SandboxPool, family: str, address: tuple[s
         )
         assert result.stdout.strip() in ("ENETUNREACH", "EADDRNOTAVAIL", "EAFNOSUPPORT"), result.text()
         assert result.duration < 1.0  # refused locally, not a timeout on the wire
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_dns_resolution_fails(pool: SandboxPool) -> None:
+async def test_dns_resolution_fails(live_pool: SandboxPool) -> None:
     """Names do not resolve: there is no route to any resolver."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -960,12 +960,12 @@ async def test_dns_resolution_fails(pool: SandboxPool) -> None:
             "host.docker.internal gaierror",
         ], result.text()
         assert result.duration < 5.0
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_udp_egress_fails_and_only_loopback_exists(pool: SandboxPool) -> None:
+async def test_udp_egress_fails_and_only_loopback_exists(live_pool: SandboxPool) -> None:
     """UDP datagrams cannot leave, and the only network interface is loopback."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -983,13 +983,13 @@ async def test_udp_egress_fails_and_only_loopback_exists(pool: SandboxPool) -> N
         )
         assert set(report["udp"].values()) <= {"ENETUNREACH", "EACCES", "EPERM"}, report
         assert report["interfaces"] == ["lo"]
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- the host
 
 
-async def test_host_environment_is_not_visible(pool: SandboxPool) -> None:
+async def test_host_environment_is_not_visible(live_pool: SandboxPool) -> None:
     """The sandbox sees only the image's environment: no host variables, no host secret."""
     import docker
 
@@ -997,13 +997,13 @@ async def test_host_environment_is_not_visible(pool: SandboxPool) -> None:
 
     client = docker.from_env(timeout=10)
     try:
-        image_env = client.images.get(pool.config.image or image_tag()).attrs["Config"]["Env"] or []
+        image_env = client.images.get(live_pool.config.image or image_tag()).attrs["Config"]["Env"] or []
     finally:
         client.close()
     allowed = {entry.split("=", 1)[0] for entry in image_env}
     # Set by Docker (HOSTNAME), the backend (kill grace), Python's locale coercion and the kernel.
     allowed |= {"HOSTNAME", "CRITLOOP_KILL_GRACE", "LC_CTYPE", "HOME", "TMPDIR"}
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -1019,12 +1019,12 @@ async def test_host_environment_is_not_visible(pool: SandboxPool) -> None:
     assert env["HOME"] == env["TMPDIR"] and env["HOME"].startswith("/work/")
     host_only = {k for k in os.environ if k not in allowed and len(os.environ[k]) > 3}
     assert not any(f"{k}={os.environ[k]}" in report["init_env"] for k in host_only)
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_host_files_and_processes_are_not_visible(pool: SandboxPool) -> None:
+async def test_host_files_and_processes_are_not_visible(live_pool: SandboxPool) -> None:
     """Own hostname, own PID namespace under docker-init, no host paths, no Docker socket."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             f"""
@@ -1048,15 +1048,15 @@ async def test_host_files_and_processes_are_not_visible(pool: SandboxPool) -> No
     assert report["pids"] < 10  # init, the supervisor and this session's worker: not the host's
     assert report["host_paths"] == [] and report["sockets"] == []
     assert report["uid"] == 10001
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- privileges
 
 
-async def test_setuid_fails_and_no_capabilities_are_held(pool: SandboxPool) -> None:
+async def test_setuid_fails_and_no_capabilities_are_held(live_pool: SandboxPool) -> None:
     """Changing to root fails; no capabilities at all; no_new_privs and seccomp are on."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -1085,12 +1085,12 @@ async def test_setuid_fails_and_no_capabilities_are_held(pool: SandboxPool) -> N
         assert int(status[cap], 16) == 0, (cap, status[cap])
     assert status["NoNewPrivs"] == "1"
     assert status["Seccomp"] == "2"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_su_sudo_and_setuid_binaries_do_not_escalate(pool: SandboxPool) -> None:
+async def test_su_sudo_and_setuid_binaries_do_not_escalate(live_pool: SandboxPool) -> None:
     """sudo is absent; su and setuid-root binaries run without privilege (no_new_privs)."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -1115,12 +1115,12 @@ async def test_su_sudo_and_setuid_binaries_do_not_escalate(pool: SandboxPool) ->
             returncode, stdout = report[tool]
             assert returncode != 0 and stdout != "0", (tool, report[tool])
     assert report["id"] == [0, "10001"]
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_user_code_cannot_touch_the_supervisor_memory(pool: SandboxPool) -> None:
+async def test_user_code_cannot_touch_the_supervisor_memory(live_pool: SandboxPool) -> None:
     """The supervisor's memory must be out of reach of the code it runs."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(
             session,
             """
@@ -1136,32 +1136,32 @@ async def test_user_code_cannot_touch_the_supervisor_memory(pool: SandboxPool) -
             """,
         )
         assert result.status == "ok", result.text()
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
     assert result.stdout.startswith("DENIED"), result.stdout
 
 
 # --------------------------------------------------------------------------- killing the parents
 
 
-async def test_killing_the_supervisor_is_contained_and_the_kernel_replaced(pool: SandboxPool) -> None:
-    """SIGKILL to the supervisor loses this container only; the pool replaces it."""
-    replaced = pool.status().kernels_replaced
-    async with await pool.open_session() as session:
+async def test_killing_the_supervisor_is_contained_and_the_kernel_replaced(live_pool: SandboxPool) -> None:
+    """SIGKILL to the supervisor loses this container only; the live_pool replaces it."""
+    replaced = live_pool.status().kernels_replaced
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 1")
         result = await run(session, "import os\nos.kill(os.getppid(), 9)")
         assert (result.status, result.state_survived) == ("killed", False), result.text()
-        await wait_until(lambda: pool.status().kernels == 1, "the replacement kernel")
-        assert pool.status().kernels_replaced == replaced + 1
+        await wait_until(lambda: live_pool.status().kernels == 1, "the replacement kernel")
+        assert live_pool.status().kernels_replaced == replaced + 1
         after = await session.exec("print('kept' in globals())")  # re-opened transparently
         assert (after.status, after.stdout, after.state_survived) == ("ok", "False\n", False)
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_killing_pid_1_has_no_effect(pool: SandboxPool) -> None:
+async def test_killing_pid_1_has_no_effect(live_pool: SandboxPool) -> None:
     """SIGKILL and SIGSTOP to the container's init are ignored by the kernel."""
-    supervisors = await supervisor_pids(pool)
-    replaced = pool.status().kernels_replaced
-    async with await pool.open_session() as session:
+    supervisors = await supervisor_pids(live_pool)
+    replaced = live_pool.status().kernels_replaced
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 1")
         result = await run(
             session, "import os, signal\nos.kill(1, signal.SIGKILL)\nos.kill(1, signal.SIGSTOP)\nprint(kept)"
@@ -1169,40 +1169,40 @@ async def test_killing_pid_1_has_no_effect(pool: SandboxPool) -> None:
         assert (result.status, result.stdout, result.state_survived) == ("ok", "1\n", True), result.text()
         state = await session.exec("print(open('/proc/1/stat').read().rsplit(')', 1)[1].split()[0])")
         assert state.stdout.strip() in ("S", "R")  # not stopped, not dead
-    assert await supervisor_pids(pool) == supervisors
-    assert pool.status().kernels_replaced == replaced
-    await assert_fresh_session_works(pool)
+    assert await supervisor_pids(live_pool) == supervisors
+    assert live_pool.status().kernels_replaced == replaced
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_killing_the_own_process_group_only_ends_the_session_worker(pool: SandboxPool) -> None:
+async def test_killing_the_own_process_group_only_ends_the_session_worker(live_pool: SandboxPool) -> None:
     """os.killpg(0, SIGKILL) kills the worker and its children, not the supervisor."""
-    victim = await victim_session(pool)
-    supervisors = await supervisor_pids(pool)
+    victim = await victim_session(live_pool)
+    supervisors = await supervisor_pids(live_pool)
     try:
-        async with await pool.open_session() as session:
+        async with await live_pool.open_session() as session:
             result = await run(
                 session, "import os, subprocess\nsubprocess.Popen(['sleep', '3600'])\nos.killpg(0, 9)"
             )
             assert (result.status, result.state_survived) == ("killed", False), result.text()
             assert result.error is not None and "SIGKILL" in result.error
             assert (await session.exec("print(6*7)")).stdout == "42\n"
-        assert await supervisor_pids(pool) == supervisors
+        assert await supervisor_pids(live_pool) == supervisors
         await assert_victim_intact(victim)
     finally:
         await victim.close()
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_kill_every_process_takes_down_only_its_own_container(pool: SandboxPool) -> None:
-    """os.kill(-1, SIGKILL) reaches nothing outside the container; the pool replaces it."""
-    replaced = pool.status().kernels_replaced
-    async with await pool.open_session() as session:
+async def test_kill_every_process_takes_down_only_its_own_container(live_pool: SandboxPool) -> None:
+    """os.kill(-1, SIGKILL) reaches nothing outside the container; the live_pool replaces it."""
+    replaced = live_pool.status().kernels_replaced
+    async with await live_pool.open_session() as session:
         result = await run(session, "import os\nos.kill(-1, 9)")
         assert (result.status, result.state_survived) == ("killed", False), result.text()
-        await wait_until(lambda: pool.status().kernels == 1, "the replacement kernel")
-        assert pool.status().kernels_replaced == replaced + 1
+        await wait_until(lambda: live_pool.status().kernels == 1, "the replacement kernel")
+        assert live_pool.status().kernels_replaced == replaced + 1
         assert (await session.exec("print(6*7)")).stdout == "42\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 @pytest.mark.xfail(
@@ -1215,11 +1215,11 @@ async def test_kill_every_process_takes_down_only_its_own_container(pool: Sandbo
         "_Worker.setup, session dir chowned to it), or one kernel per session."
     ),
 )
-async def test_sessions_cannot_kill_each_others_workers(pool: SandboxPool) -> None:
+async def test_sessions_cannot_kill_each_others_workers(live_pool: SandboxPool) -> None:
     """A session must not be able to signal another session's worker."""
-    victim = await victim_session(pool)
+    victim = await victim_session(live_pool)
     try:
-        async with await pool.open_session() as attacker:
+        async with await live_pool.open_session() as attacker:
             report = await run_json(
                 attacker,
                 """
@@ -1240,7 +1240,7 @@ async def test_sessions_cannot_kill_each_others_workers(pool: SandboxPool) -> No
                 """,
             )
             assert report, "the victim's worker was not found"
-        await assert_fresh_session_works(pool)
+        await assert_fresh_session_works(live_pool)
         assert "KILLED" not in report.values(), report
         await assert_victim_intact(victim)
     finally:
@@ -1271,11 +1271,11 @@ async def test_sessions_cannot_kill_each_others_workers(pool: SandboxPool) -> No
     ],
 )
 async def test_exits_and_crashes_end_only_the_run(
-    pool: SandboxPool, source: str, status: str, error: str, survived: bool
+    live_pool: SandboxPool, source: str, status: str, error: str, survived: bool
 ) -> None:
     """Exits and crashes are reported; the session goes on (in a fresh worker if it died)."""
-    supervisors = await supervisor_pids(pool)
-    async with await pool.open_session() as session:
+    supervisors = await supervisor_pids(live_pool)
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 1")
         result = await run(session, source)
         assert (result.status, result.state_survived) == (status, survived), result.text()
@@ -1286,31 +1286,31 @@ async def test_exits_and_crashes_end_only_the_run(
         assert (after.status, after.stdout) == ("ok", f"{survived} (0, 0)\n"), after.text()
         files = await session.exec("import os\nprint([f for f in os.listdir('.') if 'core' in f])")
         assert files.stdout == "[]\n"  # no core dump
-    assert await supervisor_pids(pool) == supervisors
-    await assert_fresh_session_works(pool)
+    assert await supervisor_pids(live_pool) == supervisors
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_deep_recursion_is_a_recursion_error(pool: SandboxPool) -> None:
+async def test_deep_recursion_is_a_recursion_error(live_pool: SandboxPool) -> None:
     """Unbounded Python recursion raises RecursionError; the session keeps its state."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         await session.exec("kept = 1")
         result = await run(session, "def f(n):\n    return f(n + 1)\nf(0)")
         assert (result.status, result.state_survived) == ("error", True), result.text()
         assert result.error is not None and result.error.startswith("RecursionError")
         assert (await session.exec("print(kept)")).stdout == "1\n"
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_reading_stdin_gets_eof_not_a_hang(pool: SandboxPool) -> None:
+async def test_reading_stdin_gets_eof_not_a_hang(live_pool: SandboxPool) -> None:
     """input() raises EOFError at once; raw reads of stdin return nothing."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         result = await run(session, "input('question? ')", timeout=5.0)
         assert (result.status, result.state_survived) == ("error", True), result.text()
         assert result.error is not None and result.error.startswith("EOFError")
         assert result.duration < 1.0
         raw = await run(session, "import os, sys\nprint(repr(sys.stdin.read()), os.read(0, 10))", timeout=5.0)
         assert (raw.status, raw.stdout) == ("ok", "'' b''\n")
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- state between sessions
@@ -1346,32 +1346,32 @@ print(json.dumps({
 """
 
 
-async def test_state_does_not_leak_into_other_sessions(pool: SandboxPool) -> None:
+async def test_state_does_not_leak_into_other_sessions(live_pool: SandboxPool) -> None:
     """Globals, files, patched modules, builtins and environ of one session stay in it."""
     clean = None
-    async with await pool.open_session() as polluter:
+    async with await live_pool.open_session() as polluter:
         result = await polluter.exec(code(POLLUTE))
         assert result.ok, result.text()
-        async with await pool.open_session() as neighbour:  # open at the same time
+        async with await live_pool.open_session() as neighbour:  # open at the same time
             clean = await run_json(neighbour, INSPECT)
-    async with await pool.open_session() as later:  # after the polluter closed
+    async with await live_pool.open_session() as later:  # after the polluter closed
         assert await run_json(later, INSPECT) == clean
     assert clean is not None
     assert clean["files"] == [] and clean["pi"] == clean["numpy_pi"] > 3.14
     assert not (clean["global"] or clean["sympy"] or clean["env"] or clean["builtin"] or clean["sys_path"])
     assert clean["divmod"] == [3, 1] and clean["fractions"] and "/tmp/evil" not in clean["path_env"]
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
-async def test_reset_forgets_pollution(pool: SandboxPool) -> None:
+async def test_reset_forgets_pollution(live_pool: SandboxPool) -> None:
     """reset() gives the session a clean worker: nothing of the polluting run remains."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         assert (await session.exec(code(POLLUTE))).ok
         await session.reset()
         report = await run_json(session, INSPECT)
         assert report["files"] == [] and report["pi"] > 3.14 and report["divmod"] == [3, 1]
         assert not (report["global"] or report["env"] or report["builtin"] or report["sys_path"])
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 @pytest.mark.xfail(
@@ -1384,9 +1384,9 @@ async def test_reset_forgets_pollution(pool: SandboxPool) -> None:
         "kernel per session."
     ),
 )
-async def test_sessions_cannot_read_each_others_files(pool: SandboxPool) -> None:
+async def test_sessions_cannot_read_each_others_files(live_pool: SandboxPool) -> None:
     """A live session's files must not be readable by another session."""
-    async with await pool.open_session() as owner, await pool.open_session() as snoop:
+    async with await live_pool.open_session() as owner, await live_pool.open_session() as snoop:
         assert (await owner.exec("open('private.txt', 'w').write('owner-only')")).ok
         stolen = await run_json(
             snoop,
@@ -1402,16 +1402,16 @@ async def test_sessions_cannot_read_each_others_files(pool: SandboxPool) -> None
             print(json.dumps(stolen))
             """,
         )
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
     assert stolen == []
 
 
 # --------------------------------------------------------------------------- devices and Docker
 
 
-async def test_docker_socket_and_host_devices_are_unreachable(pool: SandboxPool) -> None:
+async def test_docker_socket_and_host_devices_are_unreachable(live_pool: SandboxPool) -> None:
     """No Docker socket, no block devices or /dev/mem, and mknod is refused."""
-    async with await pool.open_session() as session:
+    async with await live_pool.open_session() as session:
         report = await run_json(
             session,
             """
@@ -1452,7 +1452,7 @@ async def test_docker_socket_and_host_devices_are_unreachable(pool: SandboxPool)
     assert report["block"] == [] and report["present"] == [] and report["readable"] == []
     assert report["mknod"]["."] == "EPERM", report["mknod"]  # no CAP_MKNOD
     assert "CREATED" not in report["mknod"].values(), report["mknod"]
-    await assert_fresh_session_works(pool)
+    await assert_fresh_session_works(live_pool)
 
 
 # --------------------------------------------------------------------------- last: cleanup

@@ -18,16 +18,10 @@ from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_sc
 
 from critloop import Budget, CompletionWriter, Solver, join_steps
 from critloop.agent.critic import CriticConfig, GenPRMCritic
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.sandbox import SandboxPool
 from critloop.server import ServerSettings, create_app
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
-
-
-@pytest.fixture(scope="module")
-async def pool() -> AsyncIterator[SandboxPool]:
-    async with SandboxPool(SandboxConfig(backend="local", pool_size=1)) as sandbox:
-        yield sandbox
 
 
 def make_solver(template: ChatTemplate, pool: SandboxPool, critic_model: Any = None) -> Solver:
@@ -67,8 +61,10 @@ def client(base: str, key: str = "unused") -> openai.AsyncOpenAI:
 USER = [{"role": "user", "content": PROBLEM}]
 
 
-async def test_a_non_streamed_answer_carries_the_refined_solution_and_the_extension(template, pool) -> None:  # type: ignore[no-untyped-def]
-    async with serving(make_solver(template, pool)) as base:
+async def test_a_non_streamed_answer_carries_the_refined_solution_and_the_extension(
+    template, local_pool
+) -> None:  # type: ignore[no-untyped-def]
+    async with serving(make_solver(template, local_pool)) as base:
         reply = await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == join_steps(GOOD)
     assert reply.choices[0].finish_reason == "stop" and reply.model == "critloop"
@@ -80,11 +76,13 @@ async def test_a_non_streamed_answer_carries_the_refined_solution_and_the_extens
         reply.usage is not None
         and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     )
-    assert pool.status().sessions == 0
+    assert local_pool.status().sessions == 0
 
 
-async def test_a_streamed_answer_sends_progress_then_the_solution(template, pool) -> None:  # type: ignore[no-untyped-def]
-    async with serving(make_solver(template, pool)) as base:
+async def test_a_streamed_answer_sends_progress_then_the_solution(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    async with serving(make_solver(template, local_pool)) as base:
         stream = await client(base).chat.completions.create(model="critloop", messages=USER, stream=True)  # type: ignore[call-overload]
         chunks = [chunk async for chunk in stream]
     progress = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
@@ -98,8 +96,8 @@ async def test_a_streamed_answer_sends_progress_then_the_solution(template, pool
     assert events[0] == "solution" and "refining" in events and "step" in events
 
 
-async def test_models_health_and_metrics(template, pool) -> None:  # type: ignore[no-untyped-def]
-    async with serving(make_solver(template, pool)) as base:
+async def test_models_health_and_metrics(template: ChatTemplate, local_pool: SandboxPool) -> None:
+    async with serving(make_solver(template, local_pool)) as base:
         models = await client(base).models.list()
         assert [m.id for m in models.data] == ["critloop"]
         await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
@@ -117,8 +115,8 @@ async def test_models_health_and_metrics(template, pool) -> None:  # type: ignor
     )
 
 
-async def test_bearer_auth_when_a_key_is_configured(template, pool) -> None:  # type: ignore[no-untyped-def]
-    async with serving(make_solver(template, pool), api_key="s3cret") as base:
+async def test_bearer_auth_when_a_key_is_configured(template: ChatTemplate, local_pool: SandboxPool) -> None:
+    async with serving(make_solver(template, local_pool), api_key="s3cret") as base:
         with pytest.raises(openai.AuthenticationError) as refused:
             await client(base, "wrong").chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
         assert refused.value.body["type"] == "invalid_api_key"  # type: ignore[index]
@@ -149,9 +147,9 @@ def _body(**fields: Any) -> bytes:
     ],
 )
 async def test_malformed_and_oversized_requests_get_openai_error_objects(  # type: ignore[no-untyped-def]
-    template, pool, body: bytes, status: int, needle: str
+    template, local_pool, body: bytes, status: int, needle: str
 ) -> None:
-    async with serving(make_solver(template, pool)) as base, httpx.AsyncClient(base_url=base) as http:
+    async with serving(make_solver(template, local_pool)) as base, httpx.AsyncClient(base_url=base) as http:
         response = await http.post(
             "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
         )
@@ -160,9 +158,11 @@ async def test_malformed_and_oversized_requests_get_openai_error_objects(  # typ
     assert needle in error["message"] and error["code"] == status and "Traceback" not in response.text
 
 
-async def test_saturation_answers_503_and_the_server_keeps_serving(template, pool) -> None:  # type: ignore[no-untyped-def]
+async def test_saturation_answers_503_and_the_server_keeps_serving(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
     gate = Gate(critic_by_content(wrong_15))
-    async with serving(make_solver(template, pool, gate), max_concurrency=1, max_queue=0) as base:
+    async with serving(make_solver(template, local_pool, gate), max_concurrency=1, max_queue=0) as base:
         api = client(base)
         first = asyncio.create_task(api.chat.completions.create(model="critloop", messages=USER))  # type: ignore[arg-type]
         await gate.entered.wait()
@@ -175,8 +175,10 @@ async def test_saturation_answers_503_and_the_server_keeps_serving(template, poo
         assert again.choices[0].message.content == join_steps(GOOD)
 
 
-async def test_per_request_budgets_are_capped_by_the_server(template, pool) -> None:  # type: ignore[no-untyped-def]
-    async with serving(make_solver(template, pool), max_budget=Budget(max_rounds=0)) as base:
+async def test_per_request_budgets_are_capped_by_the_server(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    async with serving(make_solver(template, local_pool), max_budget=Budget(max_rounds=0)) as base:
         reply = await client(base).chat.completions.create(
             model="critloop",
             messages=USER,
@@ -187,10 +189,10 @@ async def test_per_request_budgets_are_capped_by_the_server(template, pool) -> N
 
 
 async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_its_sessions(
-    template, pool
+    template, local_pool
 ) -> None:  # type: ignore[no-untyped-def]
     gate = Gate(critic_by_content(wrong_15))
-    solver = make_solver(template, pool, gate)
+    solver = make_solver(template, local_pool, gate)
     async with serving(solver) as base:
         async with httpx.AsyncClient(base_url=base) as http:
             body = {"model": "critloop", "messages": USER, "stream": True}
@@ -202,12 +204,12 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_it
                         break  # the first progress chunk: the run is under way
                 await gate.entered.wait()
                 # The chains' sessions open beside the first analysis (which the gate holds).
-                await until(lambda: pool.status().sessions > 0)
+                await until(lambda: local_pool.status().sessions > 0)
             # Leaving the block closed the connection mid-stream.
         await asyncio.wait_for(gate.cancelled.wait(), timeout=10)
         # Sessions still opening when the run was cancelled are released as they arrive.
-        await until(lambda: pool.status().sessions == 0)
-        await pool.settle()
+        await until(lambda: local_pool.status().sessions == 0)
+        await local_pool.settle()
         async with httpx.AsyncClient(base_url=base) as http:
             metrics = (await http.get("/metrics")).text
     assert (
@@ -216,7 +218,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_run_and_frees_it
 
 
 async def test_the_readme_openai_client_example_runs_against_critloop_serve(  # type: ignore[no-untyped-def]
-    template, pool
+    template, local_pool
 ) -> None:
     import re
     import sys
@@ -228,7 +230,7 @@ async def test_the_readme_openai_client_example_runs_against_critloop_serve(  # 
         for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
         if "from openai import OpenAI" in b
     ]
-    async with serving(make_solver(template, pool)) as base:
+    async with serving(make_solver(template, local_pool)) as base:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
@@ -257,8 +259,13 @@ def test_the_serve_command_wires_config_key_and_limits_and_warns_without_auth(
         served.append({"app": asgi, **options})
 
     monkeypatch.setattr(uvicorn_module, "run", fake_run)
+    # Endpoints that are never called, on the in-repo tokenizer: nothing is fetched to serve.
+    tokenizer = Path(__file__).parent / "data" / "tokenizer"
+    endpoint = f'kind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\ntokenizer = "{tokenizer}"\n'
     config = tmp_path / "critloop.toml"
-    config.write_text('[budget]\nmax_rounds = 2\n[sandbox]\nbackend = "local"\n')
+    config.write_text(
+        f'[policy]\n{endpoint}[critic]\n{endpoint}[budget]\nmax_rounds = 2\n[sandbox]\nbackend = "local"\n'
+    )
     runner = CliRunner()
 
     open_door = runner.invoke(app, ["serve", "--config", str(config), "--host", "0.0.0.0", "--port", "9999"])
