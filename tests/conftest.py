@@ -1,21 +1,15 @@
-"""Shared fixtures (sandbox pools on the real Docker engine and on the local backend), the markers
-that follow from them, and CI's rule on skips."""
+"""Shared fixtures (sandbox pools on the real Docker engine and on the local backend) and the
+markers that follow from them. CI's rule on skips is the plugin ``skip_policy``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 
 import pytest
 
 from critloop.sandbox import SandboxConfig, SandboxPool
 
-pytest_plugins = ["model_fixtures"]
-
-# Under CRITLOOP_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run, unless its reason starts
-# with MACHINE_LIMIT: something the machine itself cannot provide, which no install step can fix.
-NO_SKIPS = os.environ.get("CRITLOOP_NO_SKIPS") == "1"
-MACHINE_LIMIT = "machine limit: "
+pytest_plugins = ["model_fixtures", "skip_policy"]
 
 # A test that requests one of these fixtures uses that real component, and is marked for it.
 REAL_MODEL_FIXTURES = frozenset(
@@ -41,39 +35,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("docker") is not None:
         require_docker()
-
-
-_skipped: list[tuple[str, str]] = []
-
-
-def _record_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
-    if not report.skipped or hasattr(report, "wasxfail"):
-        return
-    longrepr = report.longrepr
-    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-    reason = reason.removeprefix("Skipped: ")
-    if not reason.startswith(MACHINE_LIMIT):
-        _skipped.append((report.nodeid, reason))
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _record_skip(report)
-
-
-def pytest_collectreport(report: pytest.CollectReport) -> None:
-    _record_skip(report)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if NO_SKIPS and _skipped and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if NO_SKIPS and _skipped:
-        terminalreporter.section("skipped tests fail this run (CRITLOOP_NO_SKIPS=1)", red=True)
-        for nodeid, reason in _skipped:
-            terminalreporter.line(f"{nodeid}: {reason}")
 
 
 def docker_problem() -> str | None:

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import MACHINE_LIMIT
+from skip_policy import MACHINE_LIMIT
 
 from critloop.errors import SandboxUnavailableError
 from critloop.sandbox import SandboxConfig, SandboxPool
