@@ -40,6 +40,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 @dataclass
 class LlamaServerProcess:
     """A llama.cpp server started for the tests, and how to tell that it died."""
@@ -53,7 +60,7 @@ class LlamaServerProcess:
         code = self.process.poll()
         if code is None:
             return None
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
         tail = self.stderr_path.read_text(errors="replace")[-STDERR_TAIL:].strip() or "(nothing)"
         return f"the llama.cpp server (pid {self.process.pid}) {how}; the end of its stderr:\n{tail}"
 
