@@ -70,6 +70,7 @@ def test_exec_rejects_a_bad_backend_name() -> None:
     assert "--backend must be auto, docker or local" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_clean_removes_orphans_only() -> None:
     import docker
@@ -103,6 +104,7 @@ def test_clean_removes_orphans_only() -> None:
             orphan.remove(force=True)
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 def test_a_killed_owner_leaves_no_container_behind(tmp_path: Path) -> None:
     script = tmp_path / "owner.py"

@@ -80,6 +80,7 @@ def test_every_python_block_is_checked_and_compiles() -> None:
         block(marker)  # exactly one block each
 
 
+@pytest.mark.slow
 @pytest.mark.docker
 @pytest.mark.parametrize(("marker", "expected"), list(EXACT.items()), ids=["sandbox", "langchain-tool"])
 def test_readme_example_runs(marker: str, expected: str, tmp_path: Path) -> None:
