@@ -267,7 +267,7 @@ def _release_opened(task: asyncio.Task[Session]) -> None:
 
 
 class GenPRMCritic:
-    """Critiques solutions step by step with the GenPRM protocol (DESIGN §2).
+    """Critiques solutions step by step with the GenPRM protocol (``critic_protocol``).
 
     Args:
         model: the critic's completion model (a GenPRM checkpoint on vLLM, or any model with

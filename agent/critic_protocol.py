@@ -1,7 +1,7 @@
 """The GenPRM critique format: protocol constants the released checkpoints were trained on.
 
-A critic that deviates from these strings scores worse, so they are constants, not options
-(DESIGN §2). The ``instruct`` profile teaches the same format to a general instruct model.
+A critic that deviates from these strings scores worse, so they are constants, not options.
+The ``instruct`` profile teaches the same format to a general instruct model.
 """
 
 from __future__ import annotations

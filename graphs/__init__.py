@@ -1,1 +1,1 @@
-"""The LangGraph state, the refine graph and the batch and evaluation runners (see DESIGN §6)."""
+"""The LangGraph state, the refine graph and the batch and evaluation runners."""

@@ -1,4 +1,4 @@
-"""The containers really carry every isolation setting of DESIGN §5 (read back from the engine)."""
+"""The containers really carry every isolation setting (read back from the engine)."""
 
 from __future__ import annotations
 

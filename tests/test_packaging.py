@@ -1,8 +1,10 @@
-"""The package layout of DESIGN §1: one namespace, imports pointing one way."""
+"""The package layout (one namespace, imports pointing one way), and native code built portably."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +71,19 @@ def test_image_files_ship_with_the_package() -> None:
     image = resources.files("critloop.sandbox") / "image"
     assert (image / "Dockerfile").is_file()
     assert (image / "build-rootfs.sh").is_file()
+
+
+def test_llama_cpp_is_built_for_a_portable_baseline() -> None:
+    """The Makefile builds llama.cpp with GGML_NATIVE off, for AVX2: its CPU backend holds AVX2
+    code and no AVX-512 instruction (a native build on a CPU that has AVX-512 uses its zmm
+    registers, and dies on some hypervisors that advertise it)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    assert spec is not None and spec.origin is not None, "llama-cpp-python is a dev dependency"
+    library = Path(spec.origin).parent / "lib" / "libggml-cpu.so"
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "objdump (binutils) reads the library's instructions"
+    code = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "%ymm" in code
+    assert "%zmm" not in code
