@@ -3,6 +3,7 @@ markers that follow from them. CI's rule on skips is the plugin ``skip_policy``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -37,8 +38,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_docker()
 
 
+@functools.cache
 def docker_problem() -> str | None:
-    """Why Docker tests cannot run here, or None when the engine answers and the image exists."""
+    """Why Docker tests cannot run here, or None when the engine answers and the image exists
+    (asked once per session: every Docker test checks it at set-up)."""
     try:
         import docker
 

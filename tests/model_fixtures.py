@@ -40,6 +40,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# SmolLM2's chat template on a small in-repo tokenizer (see data/tokenizer/README.md).
+TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
+STDERR_TAIL = 3000
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -69,9 +74,6 @@ class LlamaServerProcess:
         problem = self.death()
         if problem is not None:
             pytest.fail(problem, pytrace=False)
-
-
-STDERR_TAIL = 3000
 
 
 def start_llama_server(
@@ -156,7 +158,7 @@ def template() -> ChatTemplate:
     """SmolLM2's chat template on a small in-repo tokenizer (tests/data/tokenizer), for
     scripted-model tests: prompts render byte for byte as the embedded model's, token counts run
     somewhat higher, and nothing is downloaded."""
-    return ChatTemplate.from_pretrained(str(Path(__file__).parent / "data" / "tokenizer"))
+    return ChatTemplate.from_pretrained(str(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="session")

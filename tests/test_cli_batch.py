@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from model_fixtures import TOKENIZER_DIR
 from openai_script import policy_and_critic
 from scripted_server import ScriptedServer
 from typer.testing import CliRunner
@@ -32,12 +33,8 @@ def dataset(tmp_path: Path, n: int, *, broken: bool = True) -> Path:
     return path
 
 
-# SmolLM2's chat template on a small tokenizer: the scripted server needs no model download.
-TOKENIZER = Path(__file__).parent / "data" / "tokenizer"
-
-
 def scripted_config(tmp_path: Path, url: str) -> Path:
-    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{TOKENIZER}"\n'
+    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{TOKENIZER_DIR}"\n'
     config = tmp_path / "critloop.toml"
     config.write_text(
         f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from critic_script import paragraph
 from langchain_core.language_models import FakeListChatModel
+from model_fixtures import TOKENIZER_DIR
 from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
 
 from critloop import Budget, CompletionWriter, Solver, extract_answer, join_steps, split_steps
@@ -343,7 +344,7 @@ def test_a_solver_from_config_solves_again_after_solve_closed_it(template) -> No
 
     # Scripted roles replace the models: endpoints never called, on the template fixture's in-repo
     # tokenizer (the embedded default would fetch the model only for it to be swapped out).
-    tokenizer = str(Path(__file__).parent / "data" / "tokenizer")
+    tokenizer = str(TOKENIZER_DIR)
     endpoint = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "tokenizer": tokenizer}
     config = CritloopConfig.model_validate(
         {"policy": endpoint, "critic": endpoint, "sandbox": {"backend": "local", "pool_size": 1}}

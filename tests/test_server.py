@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from model_fixtures import _free_port
+from model_fixtures import TOKENIZER_DIR, _free_port
 from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
 
 from critloop import Budget, CompletionWriter, Solver, join_steps
@@ -260,7 +260,7 @@ def test_the_serve_command_wires_config_key_and_limits_and_warns_without_auth(
 
     monkeypatch.setattr(uvicorn_module, "run", fake_run)
     # Endpoints that are never called, on the in-repo tokenizer: nothing is fetched to serve.
-    tokenizer = Path(__file__).parent / "data" / "tokenizer"
+    tokenizer = TOKENIZER_DIR
     endpoint = f'kind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\ntokenizer = "{tokenizer}"\n'
     config = tmp_path / "critloop.toml"
     config.write_text(
