@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from critloop.errors import SandboxProtocolError, SandboxUnavailableError
-from critloop.sandbox.kernel import HEADER, PROTOCOL_VERSION
+from critloop.sandbox.kernel import PROTOCOL_VERSION, FrameReader, encode_frame
 
 logger = logging.getLogger("critloop.sandbox")
 
@@ -118,10 +117,10 @@ class KernelClient:
         req_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[req_id] = future
-        body = json.dumps({"id": req_id, "op": op, **fields}).encode()
+        frame = encode_frame({"id": req_id, "op": op, **fields})
         try:
             async with self._write_lock:
-                await self._transport.write(HEADER.pack(len(body)) + body)
+                await self._transport.write(frame)
             reply = await asyncio.wait_for(future, wait)
         except TimeoutError:
             # The supervisor enforces every time limit itself; silence past it means the
@@ -139,21 +138,16 @@ class KernelClient:
         return reply
 
     async def _read_loop(self) -> None:
-        buffer = bytearray()
+        frames = FrameReader()  # the kernel is trusted with the size of its replies
         try:
             while True:
                 chunk = await self._transport.read()
                 if not chunk:
                     break
-                buffer += chunk
-                while len(buffer) >= HEADER.size:
-                    (size,) = HEADER.unpack_from(buffer)
-                    if len(buffer) < HEADER.size + size:
-                        break
-                    message = json.loads(bytes(buffer[HEADER.size : HEADER.size + size]))
-                    del buffer[: HEADER.size + size]
+                frames.feed(chunk)
+                for message in frames:
                     self._deliver(message)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a FrameError (not a JSON object)
             logger.warning("sandbox kernel %s channel failed: %s", self.name, exc)
         finally:
             self._mark_dead()

@@ -22,7 +22,7 @@ __all__ = ["DockerBackend", "LABEL", "OrphanReport", "docker_client", "reap_orph
 logger = logging.getLogger("critloop.sandbox")
 
 LABEL = "io.critloop.sandbox"
-"""Every container critloop starts carries this label (value: the kernel protocol user)."""
+"""Every container critloop starts carries this label (value ``"1"``): how orphans are found."""
 _OWNER_HOST = "io.critloop.owner.host"
 _OWNER_PID = "io.critloop.owner.pid"
 _OWNER_START = "io.critloop.owner.start"

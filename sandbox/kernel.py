@@ -38,7 +38,8 @@ import time
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
-_MAX_REQUEST_BYTES = 16 << 20
+_MAX_REQUEST_BYTES = 16 << 20  # a client's request frame
+_MAX_WORKER_FRAME_BYTES = 1 << 20  # a worker's frame to the supervisor (a status report)
 _PREIMPORTS = ("math", "numpy", "sympy")
 _SESSIONS_ROOT_ENV = "CRITLOOP_SESSIONS_ROOT"
 _PR_SET_PDEATHSIG = 1
@@ -99,6 +100,74 @@ def _collapse_heap() -> int:
     return collapsed
 
 
+class FrameError(ValueError):
+    """A frame that breaks the protocol: a body that is not a JSON object, or (the subclass
+    :class:`FrameTooLarge`) a size past the reader's limit."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame whose header announces more bytes than the reader accepts."""
+
+
+class FrameReader:
+    """The one parser of the frame stream: feed it bytes as they arrive, iterate over it for the
+    complete messages (JSON objects), in order.
+
+    Iteration stops at the first incomplete frame; the bytes wait for the next :meth:`feed`.
+    A body that is not a JSON object raises :class:`FrameError` once it has been consumed, so
+    iterating again goes on with the next frame. A header that announces more than ``max_size``
+    bytes raises :class:`FrameTooLarge` at once (before its body arrives) and stays in the
+    buffer: the stream cannot be resynchronised after it.
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        self.max_size = max_size
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def needed(self) -> int:
+        """Bytes still missing before the next frame is complete (0: it is). A blocking reader
+        reads exactly this many. Raises :class:`FrameTooLarge` as iteration does."""
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            return HEADER.size - len(buffer)
+        (size,) = HEADER.unpack_from(buffer)
+        if self.max_size is not None and size > self.max_size:
+            raise FrameTooLarge(f"frame of {size} bytes (at most {self.max_size})")
+        return max(0, HEADER.size + size - len(buffer))
+
+    def __iter__(self) -> FrameReader:
+        return self
+
+    def __next__(self) -> dict:
+        buffer = self._buffer
+        if len(buffer) < HEADER.size:
+            raise StopIteration
+        (size,) = HEADER.unpack_from(buffer)
+        if self.max_size is not None and size > self.max_size:
+            raise FrameTooLarge(f"frame of {size} bytes (at most {self.max_size})")
+        end = HEADER.size + size
+        if len(buffer) < end:
+            raise StopIteration
+        body = bytes(buffer[HEADER.size : end])
+        del buffer[:end]
+        try:
+            message = json.loads(body)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise FrameError(str(exc)) from exc
+        if not isinstance(message, dict):
+            raise FrameError(f"frame body is a JSON {type(message).__name__}, not an object")
+        return message
+
+
+def encode_frame(payload: dict) -> bytes:
+    """One frame: the header and the UTF-8 JSON of ``payload``."""
+    body = json.dumps(payload).encode()
+    return HEADER.pack(len(body)) + body
+
+
 def _send_frame(sock: socket.socket, payload: dict, fds: list[int] | None = None) -> None:
     body = json.dumps(payload).encode()
     header = HEADER.pack(len(body))
@@ -121,15 +190,26 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def _recv_frame(sock: socket.socket) -> tuple[dict, list[int]]:
+    """The next frame of a blocking socket, with the file descriptors sent along with it."""
     header, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, 4)
     if not header:
         raise EOFError
-    if len(header) < HEADER.size:
-        header += _recv_exact(sock, HEADER.size - len(header))
-    (size,) = HEADER.unpack(header)
-    if size > _MAX_REQUEST_BYTES:
-        raise ValueError("frame too large")
-    return json.loads(_recv_exact(sock, size)), list(fds)
+    reader = FrameReader(_MAX_REQUEST_BYTES)
+    reader.feed(header)
+    while missing := reader.needed():
+        reader.feed(_recv_exact(sock, missing))
+    return next(reader), list(fds)
+
+
+def _read_chunk(fd: int) -> bytes | None:
+    """The next chunk of a non-blocking output pipe: None while it has nothing to read, ``b""``
+    at its end (a read error counts as the end)."""
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _stat(pid: int | str) -> tuple[bytes, int] | None:
@@ -547,7 +627,7 @@ class _Session:
         self.pid = pid  # 0 until a clone says hello
         self.sock = sock
         self.session_dir = session_dir
-        self.inbuf = bytearray()
+        self.frames = FrameReader(_MAX_WORKER_FRAME_BYTES)
         self.pending: _Exec | None = None
         self.pending_fork: str | None = None  # the clone this worker is forking
         self.lost_state = False  # the worker died while idle: the next exec reports it
@@ -564,7 +644,7 @@ class Supervisor:
         self.sessions: dict[str, _Session] = {}
         self.by_fd: dict[int, _Session] = {}
         self.pipes: dict[int, _Session] = {}
-        self.inbuf = bytearray()
+        self.requests = FrameReader(_MAX_REQUEST_BYTES)
         self.exits: dict[int, int] = {}  # reaped pid -> wait status
         self.root = os.environ.get(_SESSIONS_ROOT_ENV) or os.path.join(
             os.environ.get("TMPDIR", "/tmp"), f"critloop-sessions-{os.getpid()}"
@@ -582,8 +662,7 @@ class Supervisor:
     # ---- client channel
 
     def reply(self, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        data = memoryview(HEADER.pack(len(body)) + body)
+        data = memoryview(encode_frame(payload))
         while data:
             try:
                 data = data[os.write(self.proto_out, data) :]
@@ -653,25 +732,17 @@ class Supervisor:
             return True
         if not data:
             return False
-        self.inbuf += data
-        while len(self.inbuf) >= HEADER.size:
-            (size,) = HEADER.unpack_from(self.inbuf)
-            if size > _MAX_REQUEST_BYTES:
+        self.requests.feed(data)
+        while True:
+            try:
+                for msg in self.requests:
+                    self._dispatch(msg)
+                return True
+            except FrameTooLarge:
                 self.reply({"event": "fatal", "error": "request frame too large"})
                 return False
-            if len(self.inbuf) < HEADER.size + size:
-                break
-            body = bytes(self.inbuf[HEADER.size : HEADER.size + size])
-            del self.inbuf[: HEADER.size + size]
-            try:
-                msg = json.loads(body)
-                if not isinstance(msg, dict):
-                    raise ValueError
-            except ValueError:
+            except FrameError:  # that frame is consumed: go on with the next
                 self.reply({"id": None, "ok": False, "error": "request is not a JSON object"})
-                continue
-            self._dispatch(msg)
-        return True
 
     # ---- requests
 
@@ -913,26 +984,16 @@ class Supervisor:
         if not data:
             self._worker_died(session)
             return
-        session.inbuf += data
-        while len(session.inbuf) >= HEADER.size:
-            (size,) = HEADER.unpack_from(session.inbuf)
-            if size > 1 << 20:
-                self._worker_died(session, "the worker sent an oversized frame")
-                return
-            if len(session.inbuf) < HEADER.size + size:
-                return
-            body = bytes(session.inbuf[HEADER.size : HEADER.size + size])
-            del session.inbuf[: HEADER.size + size]
-            try:
-                msg = json.loads(body)
-                if not isinstance(msg, dict):
-                    raise ValueError
-            except ValueError:
-                self._worker_died(session, "the worker sent a malformed frame")
-                return
-            self._worker_message(session, msg)
-            if self.sessions.get(session.sid) is not session:
-                return
+        session.frames.feed(data)
+        try:
+            for msg in session.frames:
+                self._worker_message(session, msg)
+                if self.sessions.get(session.sid) is not session:
+                    return
+        except FrameTooLarge:
+            self._worker_died(session, "the worker sent an oversized frame")
+        except FrameError:
+            self._worker_died(session, "the worker sent a malformed frame")
 
     def _worker_message(self, session: _Session, msg: dict) -> None:
         if "hello" in msg:
@@ -1081,12 +1142,9 @@ class Supervisor:
         pending = session.pending if session is not None else None
         if pending is None or fd not in pending.pipes:
             return
-        try:
-            data = os.read(fd, 1 << 16)
-        except BlockingIOError:
+        data = _read_chunk(fd)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._keep(pending, pending.pipes[fd], data)
         else:
@@ -1102,13 +1160,7 @@ class Supervisor:
     def _drain(self, pending: _Exec) -> None:
         """Read what the pipes hold now, without waiting for writers that outlive the run."""
         for fd, stream in list(pending.pipes.items()):
-            while True:
-                try:
-                    data = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    data = b""
+            while (data := _read_chunk(fd)) is not None:
                 if not data:
                     self._close_pipe(pending, fd)
                     break

@@ -78,7 +78,8 @@ class SandboxPool:
 
     def __init__(self, config: SandboxConfig | None = None, *, backend: SandboxBackend | None = None) -> None:
         self.config = config or SandboxConfig()
-        self._backend = backend
+        self._given_backend = backend
+        self._backend: SandboxBackend | None = backend
         self._kernels: list[KernelClient] = []
         self._sessions: set[Session] = set()
         self._replacing: set[asyncio.Task[None]] = set()
@@ -96,25 +97,26 @@ class SandboxPool:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called (a closed pool cannot start again)."""
+        """Whether :meth:`close` was called since the last :meth:`start`."""
         return self._closed
 
     async def start(self) -> SandboxPool:
-        """Pick the backend and start ``pool_size`` kernels (concurrently). Idempotent."""
+        """Pick the backend and start ``pool_size`` kernels (concurrently). Idempotent; after
+        :meth:`close` it starts a new set of kernels (sessions of before stay closed)."""
         async with self._start_lock:
-            if self._closed:
-                raise SandboxClosedError("the pool is closed")
+            self._closed = False
             if self._started:
                 return self
             if self._backend is None:
                 self._backend = await asyncio.to_thread(create_backend, self.config)
+            backend: SandboxBackend = self._backend
             results = await asyncio.gather(
                 *(self._start_kernel() for _ in range(self.config.pool_size)),
                 return_exceptions=True,
             )
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors and len(errors) == len(results):
-                await self._backend.close()
+                await backend.close()
                 raise errors[0]
             for error in errors:
                 logger.warning("a sandbox kernel failed to start: %s", error)
@@ -209,7 +211,7 @@ class SandboxPool:
             await asyncio.wait(set(self._releasing))
 
     async def close(self) -> None:
-        """Close every session and stop every kernel. Idempotent."""
+        """Close every session and stop every kernel. Idempotent; :meth:`start` starts anew."""
         if self._closed:
             return
         self._closed = True
@@ -224,6 +226,8 @@ class SandboxPool:
             await asyncio.gather(*(self._backend.stop_kernel(k) for k in self._kernels))
             await self._backend.close()
         self._kernels.clear()
+        self._backend, self._started = self._given_backend, False
+        self._start_lock = asyncio.Lock()  # a later start() may run in another event loop
 
     async def __aenter__(self) -> SandboxPool:
         return await self.start()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from critloop.sandbox import kernel
+from critloop.sandbox._client import KernelClient
 
 KERNEL = Path(kernel.__file__)
 
@@ -50,6 +53,148 @@ def wire() -> Iterator[Wire]:
     assert w.proc.wait(timeout=10) == 0  # end of input: the kernel cleans up and exits
 
 
+# --------------------------------------------------------------------------- the frame parser
+
+
+def test_a_frame_split_across_feeds_comes_out_once_complete() -> None:
+    frame = kernel.encode_frame({"id": 1, "text": "ünïcode"})
+    reader = kernel.FrameReader()
+    for i in range(len(frame) - 1):  # byte by byte: through the header, then the body
+        reader.feed(frame[i : i + 1])
+        assert list(reader) == []
+    reader.feed(frame[-1:])
+    assert list(reader) == [{"id": 1, "text": "ünïcode"}]
+    assert list(reader) == []  # consumed
+
+
+def test_several_frames_in_one_feed_come_out_in_order() -> None:
+    messages = [{"id": i} for i in range(3)]
+    tail = kernel.encode_frame({"id": 3})
+    reader = kernel.FrameReader()
+    reader.feed(b"".join(map(kernel.encode_frame, messages)) + tail[:5])
+    assert list(reader) == messages
+    reader.feed(tail[5:])
+    assert list(reader) == [{"id": 3}]
+
+
+def test_needed_says_how_many_bytes_complete_the_next_frame() -> None:
+    frame = kernel.encode_frame({"id": 7})
+    reader = kernel.FrameReader(max_size=64)
+    assert reader.needed() == kernel.HEADER.size
+    reader.feed(frame[:2])
+    assert reader.needed() == kernel.HEADER.size - 2
+    reader.feed(frame[2 : kernel.HEADER.size + 1])
+    assert reader.needed() == len(frame) - kernel.HEADER.size - 1
+    reader.feed(frame[kernel.HEADER.size + 1 :])
+    assert reader.needed() == 0 and next(reader) == {"id": 7}
+    reader.feed(kernel.HEADER.pack(65))
+    with pytest.raises(kernel.FrameTooLarge):
+        reader.needed()
+
+
+def test_a_blocking_socket_reads_a_frame_with_its_file_descriptors() -> None:
+    import os
+    import socket
+
+    ours, theirs = socket.socketpair()
+    read_end, write_end = os.pipe()
+    try:
+        frame = kernel.encode_frame({"op": "exec", "code": "x" * 100_000})
+        socket.send_fds(ours, [frame[:3]], [write_end])
+        ours.sendall(frame[3:])
+        message, fds = kernel._recv_frame(theirs)
+        assert message == {"op": "exec", "code": "x" * 100_000} and len(fds) == 1
+        os.write(fds[0], b"!")
+        assert os.read(read_end, 1) == b"!"  # the descriptor arrived, and works
+        os.close(fds[0])
+        ours.close()
+        with pytest.raises(EOFError):
+            kernel._recv_frame(theirs)
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        theirs.close()
+
+
+def test_an_oversized_header_is_refused_before_its_body_arrives() -> None:
+    reader = kernel.FrameReader(max_size=8)
+    reader.feed(kernel.encode_frame({"a": 1}))  # 8 bytes of body: at the limit
+    assert list(reader) == [{"a": 1}]
+    reader.feed(kernel.HEADER.pack(9))
+    with pytest.raises(kernel.FrameTooLarge):
+        next(reader)
+    with pytest.raises(kernel.FrameTooLarge):  # it stays: the stream cannot go on
+        next(reader)
+    unlimited = kernel.FrameReader()
+    unlimited.feed(kernel.HEADER.pack(1 << 30))
+    assert list(unlimited) == []  # without a limit: waiting for the body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"\xff\xfe", b"[1, 2]", b'"text"', b"42", b"null"],
+    ids=["not-json", "not-utf8", "array", "string", "number", "null"],
+)
+def test_a_body_that_is_not_a_json_object_is_an_error_and_the_stream_goes_on(body: bytes) -> None:
+    reader = kernel.FrameReader()
+    reader.feed(kernel.HEADER.pack(len(body)) + body + kernel.encode_frame({"id": 2}))
+    with pytest.raises(kernel.FrameError) as raised:
+        next(reader)
+    assert not isinstance(raised.value, kernel.FrameTooLarge)
+    assert isinstance(raised.value, ValueError)  # what the client catches
+    assert list(reader) == [{"id": 2}]
+
+
+def test_a_malformed_frame_is_reported_as_json_reports_it() -> None:
+    reader = kernel.FrameReader()
+    reader.feed(kernel.HEADER.pack(9) + b"{not json")
+    with pytest.raises(kernel.FrameError, match=r"^Expecting property name enclosed in double quotes"):
+        next(reader)
+
+
+def test_an_empty_feed_or_a_partial_header_yields_nothing() -> None:
+    reader = kernel.FrameReader()
+    reader.feed(b"")
+    reader.feed(kernel.HEADER.pack(2)[:3])
+    assert list(reader) == []
+    reader.feed(kernel.HEADER.pack(2)[3:] + b"{}")
+    assert list(reader) == [{}]
+
+
+class ScriptedTransport:
+    """The kernel's side of a client's channel, as a list of chunks it sends."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.sent: list[bytes] = []
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0)
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def close(self) -> None:
+        self.chunks.clear()
+
+
+async def test_the_client_reads_split_frames_and_fails_on_a_malformed_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ready = kernel.encode_frame({"event": "ready", "protocol": kernel.PROTOCOL_VERSION})
+    transport = ScriptedTransport([ready[:2], ready[2:7], ready[7:], kernel.HEADER.pack(3) + b"[1]"])
+    client = KernelClient(transport, name="scripted")
+    assert (await client.wait_ready(5))["event"] == "ready"
+    with caplog.at_level(logging.WARNING, logger="critloop.sandbox"):
+        await asyncio.wait_for(client._reader, 5)
+    assert not client.alive
+    assert "sandbox kernel scripted channel failed: frame body is a JSON list" in caplog.text
+
+
+# --------------------------------------------------------------------------- the kernel, raw
+
+
 def test_ping_reports_the_kernel(wire: Wire) -> None:
     reply = wire.call(op="ping")
     assert reply["ok"] and reply["protocol"] == kernel.PROTOCOL_VERSION
@@ -69,6 +214,16 @@ def test_malformed_requests_get_errors_and_the_kernel_goes_on(wire: Wire) -> Non
     assert wire.call(op="open", session="s")["error"] == "ValueError: session 's' exists already"
     assert wire.call(op="exec", session="s", code=42)["error"] == "TypeError: code must be a string"
     assert wire.call(op="exec", session="s", code="print('fine')")["result"]["stdout"] == "fine\n"
+
+
+def test_an_oversized_request_is_fatal() -> None:
+    w = Wire()
+    assert w.recv()["event"] == "ready"
+    assert w.proc.stdin is not None
+    w.proc.stdin.write(kernel.HEADER.pack(kernel._MAX_REQUEST_BYTES + 1))  # the body never comes
+    w.proc.stdin.flush()
+    assert w.recv() == {"event": "fatal", "error": "request frame too large"}
+    assert w.proc.wait(timeout=10) == 0
 
 
 def test_a_busy_session_refuses_a_second_request(wire: Wire) -> None:

@@ -82,6 +82,24 @@ async def make_model() -> AsyncIterator[Callable[..., OpenAICompletionModel]]:
         await model.aclose()
 
 
+def expected_token(text: str, logprob: float, *top: tuple[str, float]) -> TokenLogprob:
+    """The expected parse of one token: its text and logprob, and its ``(text, logprob)`` alternatives."""
+    return TokenLogprob(
+        token=text, logprob=logprob, top=tuple(TopLogprob(token=t, logprob=lp) for t, lp in top)
+    )
+
+
+async def failure(
+    model: OpenAICompletionModel,
+    error: type[Exception] = ModelEndpointError,
+    params: SamplingParams | None = None,
+) -> str:
+    """The message of the ``error`` that ``model``'s completion of PROMPT fails with."""
+    with pytest.raises(error) as info:
+        await model.complete(PROMPT, params or SamplingParams(max_tokens=4))
+    return str(info.value)
+
+
 def count_requests(model: OpenAICompletionModel) -> list[str]:
     """The URL of every HTTP request the client starts (its transport attempts), in order."""
     seen: list[str] = []
@@ -104,10 +122,8 @@ async def test_refused_connection_gives_up_after_max_attempts(make_model) -> Non
         model = make_model(base, max_attempts=3)
         attempts = count_requests(model)
         started = time.monotonic()
-        with pytest.raises(ModelEndpointError) as info:
-            await model.complete(PROMPT, SamplingParams(max_tokens=4))
+        message = await failure(model)
         elapsed = time.monotonic() - started
-    message = str(info.value)
     assert attempts == [f"{base}/v1/completions"] * 3
     assert f"{base}/v1/completions" in message
     assert "connection failed" in message
@@ -135,10 +151,7 @@ async def test_500_twice_then_success(server: ScriptedServer, make_model) -> Non
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 async def test_retryable_status_until_max_attempts(server: ScriptedServer, make_model, status: int) -> None:
     server.push(*[Reply(status, {"error": {"message": f"overloaded-{status}"}})] * 3)
-    model = make_model(server.url, max_attempts=3)
-    with pytest.raises(ModelEndpointError) as info:
-        await model.complete(PROMPT, SamplingParams(max_tokens=4))
-    message = str(info.value)
+    message = await failure(make_model(server.url, max_attempts=3))
     assert len(server.requests) == 3
     assert f"{server.url}/v1/completions" in message
     assert "gave up after 3 attempts" in message
@@ -188,10 +201,8 @@ async def test_always_hanging_server_times_out(server: ScriptedServer, make_mode
     server.push(*[Reply(200, completion_json({"text": " late"}), delay=10.0)] * 2)
     model = make_model(server.url, timeout_seconds=0.5, max_attempts=2)
     started = time.monotonic()
-    with pytest.raises(ModelEndpointError) as info:
-        await model.complete(PROMPT, SamplingParams(max_tokens=4))
+    message = await failure(model)
     elapsed = time.monotonic() - started
-    message = str(info.value)
     assert "timed out" in message
     assert "gave up after 2 attempts" in message
     assert f"{server.url}/v1/completions" in message
@@ -216,10 +227,7 @@ async def test_trickling_answer_is_limited_by_timeout(server: ScriptedServer, ma
 
 async def test_malformed_json_is_not_retried(server: ScriptedServer, make_model) -> None:
     server.push(Reply(200, b"{not json", headers={"Content-Type": "application/json"}))
-    model = make_model(server.url)
-    with pytest.raises(ModelResponseError) as info:
-        await model.complete(PROMPT, SamplingParams(max_tokens=4))
-    message = str(info.value)
+    message = await failure(make_model(server.url), ModelResponseError)
     assert "invalid JSON" in message
     assert "{not json" in message
     assert f"{server.url}/v1/completions" in message
@@ -335,11 +343,9 @@ async def test_schema_breaks_raise_response_error(
     server: ScriptedServer, make_model, body: Any, params: SamplingParams, expected: str
 ) -> None:
     server.push(Reply(200, body))
-    model = make_model(server.url)
-    with pytest.raises(ModelResponseError) as info:
-        await model.complete(PROMPT, params)
-    assert expected in str(info.value)
-    assert f"{server.url}/v1/completions" in str(info.value)
+    message = await failure(make_model(server.url), ModelResponseError, params)
+    assert expected in message
+    assert f"{server.url}/v1/completions" in message
     assert len(server.requests) == 1  # a broken answer is not retried
 
 
@@ -381,9 +387,7 @@ async def test_harmless_quirks_are_tolerated(server: ScriptedServer, make_model)
 
 async def test_body_breaking_its_content_encoding(server: ScriptedServer, make_model) -> None:
     server.push(Reply(200, b"this is not gzip", headers={"Content-Encoding": "gzip"}))
-    model = make_model(server.url)
-    with pytest.raises(ModelResponseError):
-        await model.complete(PROMPT, SamplingParams(max_tokens=4))
+    await failure(make_model(server.url), ModelResponseError)
     assert len(server.requests) == 1
 
 
@@ -411,10 +415,7 @@ async def test_non_retryable_4xx_fails_at_once(server: ScriptedServer, make_mode
         "error": {"message": "max_tokens (999999) is too large for this model", "type": "BadRequestError"}
     }
     server.push(Reply(status, error))
-    model = make_model(server.url)
-    with pytest.raises(ModelEndpointError) as info:
-        await model.complete(PROMPT, SamplingParams(max_tokens=4))
-    message = str(info.value)
+    message = await failure(make_model(server.url))
     assert len(server.requests) == 1
     assert f"HTTP {status}" in message
     assert "max_tokens (999999) is too large for this model" in message
@@ -440,24 +441,8 @@ async def test_openai_legacy_logprobs(server: ScriptedServer, make_model) -> Non
     (choice,) = result.choices
     assert choice.text == "Hello world"
     assert choice.tokens == (
-        TokenLogprob(
-            token="Hello",
-            logprob=-0.1,
-            top=(
-                TopLogprob(token="Hello", logprob=-0.1),
-                TopLogprob(token="Hi", logprob=-2.5),
-                TopLogprob(token=" foo", logprob=-3.0),
-            ),
-        ),
-        TokenLogprob(
-            token=" world",
-            logprob=-2.0,
-            top=(
-                TopLogprob(token=" there", logprob=-0.5),
-                TopLogprob(token=" all", logprob=-1.0),
-                TopLogprob(token=" world", logprob=-2.0),
-            ),
-        ),
+        expected_token("Hello", -0.1, ("Hello", -0.1), ("Hi", -2.5), (" foo", -3.0)),
+        expected_token(" world", -2.0, (" there", -0.5), (" all", -1.0), (" world", -2.0)),
     )
     for token in choice.tokens:
         values = [t.logprob for t in token.top]
@@ -482,16 +467,8 @@ async def test_chat_style_logprobs(server: ScriptedServer, make_model) -> None:
     model = make_model(server.url)
     result = await model.complete(PROMPT, SamplingParams(max_tokens=2, logprobs=2))
     assert result.choices[0].tokens == (
-        TokenLogprob(
-            token="4",
-            logprob=-0.2,
-            top=(TopLogprob(token="4", logprob=-0.2), TopLogprob(token="5", logprob=-2.0)),
-        ),
-        TokenLogprob(
-            token=".",
-            logprob=-1.5,
-            top=(TopLogprob(token="!", logprob=-0.4), TopLogprob(token=".", logprob=-1.5)),
-        ),
+        expected_token("4", -0.2, ("4", -0.2), ("5", -2.0)),
+        expected_token(".", -1.5, ("!", -0.4), (".", -1.5)),
     )
 
 
@@ -516,9 +493,7 @@ async def test_logprobs_zero_gives_the_chosen_token_only(server: ScriptedServer,
     model = make_model(server.url)
     result = await model.complete(PROMPT, SamplingParams(max_tokens=1, logprobs=0))
     assert server.requests[0].json["logprobs"] == 1
-    assert result.choices[0].tokens == (
-        TokenLogprob(token="B", logprob=-2.0, top=(TopLogprob(token="B", logprob=-2.0),)),
-    )
+    assert result.choices[0].tokens == (expected_token("B", -2.0, ("B", -2.0)),)
 
 
 STOPS = ("</a>", "</b>")

@@ -13,6 +13,7 @@ share a container share its uid); they fail loudly if that ever changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -178,6 +179,22 @@ async def victim_session(pool: SandboxPool) -> Session:
 async def assert_victim_intact(victim: Session) -> None:
     result = await victim.exec("print(victim_state)")
     assert (result.status, result.stdout, result.state_survived) == ("ok", "intact\n", True), result.text()
+
+
+@contextlib.asynccontextmanager
+async def harmed_session(pool: SandboxPool) -> AsyncIterator[Session]:
+    """A session for code that harms it, and only it: a victim session on the same kernel keeps
+    its state, the supervisors are the same processes afterwards, and a fresh session works."""
+    victim = await victim_session(pool)
+    supervisors = await supervisor_pids(pool)
+    try:
+        async with await pool.open_session() as session:
+            yield session
+        assert await supervisor_pids(pool) == supervisors
+        await assert_victim_intact(victim)
+    finally:
+        await victim.close()
+    await assert_fresh_session_works(pool)
 
 
 def assert_timed_out(result: ExecResult, *, limit: float = TIMEOUT) -> None:
@@ -573,26 +590,18 @@ async def test_orphans_die_when_their_worker_dies(live_pool: SandboxPool) -> Non
 )
 async def test_memory_bomb_hits_the_container_limit_only(live_pool: SandboxPool, source: str) -> None:
     """A memory bomb dies of MemoryError or the OOM killer; the kernel and neighbours live on."""
-    victim = await victim_session(live_pool)
-    supervisors = await supervisor_pids(live_pool)
     replaced = live_pool.status().kernels_replaced
-    try:
-        async with await live_pool.open_session() as session:
-            limits = await run_json(session, CGROUP_READER)
-            assert int(limits["memory_max"]) == MEMORY_MB << 20
-            result = await run(session, source, timeout=10.0)
-            if result.status == "error":
-                assert result.error is not None and result.error.startswith("MemoryError")
-            else:
-                assert result.status == "killed", result.text()
-                assert result.error is not None and "SIGKILL" in result.error
-            assert (await session.exec("print(6*7)")).stdout == "42\n"
-        assert await supervisor_pids(live_pool) == supervisors
-        assert live_pool.status().kernels_replaced == replaced
-        await assert_victim_intact(victim)
-    finally:
-        await victim.close()
-    await assert_fresh_session_works(live_pool)
+    async with harmed_session(live_pool) as session:
+        limits = await run_json(session, CGROUP_READER)
+        assert int(limits["memory_max"]) == MEMORY_MB << 20
+        result = await run(session, source, timeout=10.0)
+        if result.status == "error":
+            assert result.error is not None and result.error.startswith("MemoryError")
+        else:
+            assert result.status == "killed", result.text()
+            assert result.error is not None and "SIGKILL" in result.error
+        assert (await session.exec("print(6*7)")).stdout == "42\n"
+    assert live_pool.status().kernels_replaced == replaced
 
 
 async def test_impossible_allocation_is_a_memory_error(live_pool: SandboxPool) -> None:
@@ -700,21 +709,13 @@ async def test_forged_frames_on_the_worker_channel_only_hurt_their_session(
     live_pool: SandboxPool, payload: str, why: str
 ) -> None:
     """Garbage written to the worker's own control socket kills that worker, nothing else."""
-    victim = await victim_session(live_pool)
-    supervisors = await supervisor_pids(live_pool)
-    try:
-        async with await live_pool.open_session() as session:
-            await session.exec("kept = 1")
-            result = await run(session, FIND_CHANNEL + f"channel.sendall({payload})\nprint('sent')")
-            assert (result.status, result.state_survived) == ("killed", False), result.text()
-            assert result.error is not None and why in result.error
-            after = await session.exec("print('kept' in globals())")
-            assert (after.status, after.stdout) == ("ok", "False\n")
-        assert await supervisor_pids(live_pool) == supervisors
-        await assert_victim_intact(victim)
-    finally:
-        await victim.close()
-    await assert_fresh_session_works(live_pool)
+    async with harmed_session(live_pool) as session:
+        await session.exec("kept = 1")
+        result = await run(session, FIND_CHANNEL + f"channel.sendall({payload})\nprint('sent')")
+        assert (result.status, result.state_survived) == ("killed", False), result.text()
+        assert result.error is not None and why in result.error
+        after = await session.exec("print('kept' in globals())")
+        assert (after.status, after.stdout) == ("ok", "False\n")
 
 
 # --------------------------------------------------------------------------- disk
@@ -885,10 +886,15 @@ async def test_writable_places_are_noexec(live_pool: SandboxPool) -> None:
 async def test_tmp_and_shm_files_do_not_outlive_their_session(live_pool: SandboxPool) -> None:
     """Files a session leaves in /tmp or /dev/shm must not be visible to a later session."""
     async with await live_pool.open_session() as writer:
-        result = await writer.exec(
-            "for p in ('/tmp/left-behind', '/dev/shm/left-behind'):\n"
-            "    try:\n        open(p, 'w').write('secret of a closed session')\n"
-            "    except OSError:\n        pass"
+        result = await run(
+            writer,
+            """
+            for p in ('/tmp/left-behind', '/dev/shm/left-behind'):
+                try:
+                    open(p, 'w').write('secret of a closed session')
+                except OSError:
+                    pass
+            """,
         )
         assert result.ok, result.text()
     async with await live_pool.open_session() as reader:
@@ -1176,21 +1182,13 @@ async def test_killing_pid_1_has_no_effect(live_pool: SandboxPool) -> None:
 
 async def test_killing_the_own_process_group_only_ends_the_session_worker(live_pool: SandboxPool) -> None:
     """os.killpg(0, SIGKILL) kills the worker and its children, not the supervisor."""
-    victim = await victim_session(live_pool)
-    supervisors = await supervisor_pids(live_pool)
-    try:
-        async with await live_pool.open_session() as session:
-            result = await run(
-                session, "import os, subprocess\nsubprocess.Popen(['sleep', '3600'])\nos.killpg(0, 9)"
-            )
-            assert (result.status, result.state_survived) == ("killed", False), result.text()
-            assert result.error is not None and "SIGKILL" in result.error
-            assert (await session.exec("print(6*7)")).stdout == "42\n"
-        assert await supervisor_pids(live_pool) == supervisors
-        await assert_victim_intact(victim)
-    finally:
-        await victim.close()
-    await assert_fresh_session_works(live_pool)
+    async with harmed_session(live_pool) as session:
+        result = await run(
+            session, "import os, subprocess\nsubprocess.Popen(['sleep', '3600'])\nos.killpg(0, 9)"
+        )
+        assert (result.status, result.state_survived) == ("killed", False), result.text()
+        assert result.error is not None and "SIGKILL" in result.error
+        assert (await session.exec("print(6*7)")).stdout == "42\n"
 
 
 async def test_kill_every_process_takes_down_only_its_own_container(live_pool: SandboxPool) -> None:
