@@ -55,7 +55,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	rm -rf .typecheck && mkdir -p .typecheck/critloop
-	for f in critloop/*.py; do ln -s "$(CURDIR)/$$f" .typecheck/critloop/; done
+	for f in critloop/*.py critloop/cli; do ln -s "$(CURDIR)/$$f" .typecheck/critloop/; done
 	for d in agent tools graphs sandbox; do ln -s "$(CURDIR)/$$d" .typecheck/critloop/$$d; done
 	cd .typecheck && $(CURDIR)/$(BIN)/mypy --config-file ../pyproject.toml -p critloop
 

@@ -11,36 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from critloop.agent.critic_protocol import (
-    ANALYZE_PREFIX,
-    ANALYZE_STOP,
-    CODE_ERROR,
-    CODE_FENCE_STOP,
-    CODE_MISSING,
-    CODE_OUTPUT,
-    CODE_TIMEOUT,
-    DEFAULT_FIRST_STEP_FORMAT,
-    FORCED_JUDGEMENT,
-    OUTPUT_PREFIX,
-    OUTPUT_STOP,
-    VERIFY_PREFIX,
-    CriticProfile,
-    conversation,
-)
-from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
+from critloop.agent._chain import Chain
+from critloop.agent._critique import ChainCritique, CodeRun, StepCritique
+from critloop.agent.budget import UsageMeter
+from critloop.agent.critic_protocol import DEFAULT_FIRST_STEP_FORMAT, CriticProfile
 from critloop.errors import ConfigError
-from critloop.sandbox import SandboxPool, Session
+from critloop.sandbox import SandboxPool
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.completion import CompletionModel, CompletionResult, ModelUsage, SamplingParams
+from critloop.tools.completion import CompletionModel, ModelUsage
 from critloop.tools.endpoint import EndpointConfig
 
 __all__ = [
@@ -57,9 +43,6 @@ __all__ = [
 ScanMode = Literal["first_error", "all"]
 """``first_error``: critique steps in order and stop at the first flagged one (the refine loop,
 ProcessBench). ``all``: score every step (Best-of-N ranking, full reports)."""
-
-_T = TypeVar("_T")
-_CODE_BLOCK = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
 
 
 class CriticConfig(EndpointConfig):
@@ -98,33 +81,6 @@ class CriticConfig(EndpointConfig):
         if self.kind == "embedded" and "profile" not in self.model_fields_set:
             object.__setattr__(self, "profile", "instruct")
         return self
-
-
-class CodeRun(BaseModel):
-    """One code block the critic wrote and what running it gave."""
-
-    model_config = ConfigDict(frozen=True)
-
-    code: str
-    output: str
-    """What the critic was shown after ``[Code Output]``."""
-    status: str
-    """The sandbox status (``ok``, ``error``, ``timeout``, ``killed``) or ``missing``."""
-
-
-class ChainCritique(BaseModel):
-    """One chain's critique of one step."""
-
-    model_config = ConfigDict(frozen=True)
-
-    text: str
-    verdict: Verdict
-    reward: float
-    reward_source: RewardSource
-    forced: bool
-    """The limits were hit and the judgement was forced from the analysis alone."""
-    code_runs: tuple[CodeRun, ...] = ()
-    usage: ModelUsage = ModelUsage()
 
 
 class StepReport(BaseModel):
@@ -173,99 +129,6 @@ class CritiqueReport(BaseModel):
         return [s.reward for s in self.step_reports]
 
 
-class _Chain:
-    """One critique chain of a run: its history of critiques and its sandbox sessions."""
-
-    def __init__(self) -> None:
-        self.critiques: list[ChainCritique] = []
-        self.session: Session | None = None
-        # A session still opening: it opens while the first analysis is generated, off the
-        # critical path, and is awaited only when the critique first runs code.
-        self.opening: asyncio.Task[Session] | None = None
-        # snapshots[j]: a fork of the session's state after j steps; None at j = 0 (a fresh
-        # session opens instead: cheaper than a fork) and after a step no rewind can target
-        # (a fresh session then stands in). Forks are what a batch's sandbox spends most on,
-        # so they are taken lazily: ``unforked`` holds the indices of snapshots the working
-        # session itself still stands for (it has run no code since), forked only before the
-        # session next runs code: never after the last step, nor for steps without code.
-        self.snapshots: list[Session | None] = []
-        self.unforked: list[int] = []
-
-    @property
-    def has_sandbox(self) -> bool:
-        return self.session is not None or self.opening is not None
-
-    async def ready(self) -> Session:
-        if self.opening is not None:
-            task, self.opening = self.opening, None
-            self.session = await task
-        assert self.session is not None
-        return self.session
-
-    def snapshot(self) -> None:
-        """Mark the working session's current state as the state after the latest step."""
-        self.unforked.append(len(self.snapshots))
-        self.snapshots.append(None)
-
-    async def before_exec(self) -> Session:
-        """The working session, once the snapshot it still stands for (if any) is forked."""
-        session = await self.ready()
-        while self.unforked:
-            self.snapshots[self.unforked[0]] = await session.fork()
-            del self.unforked[0]
-        return session
-
-    async def rewind(self, keep: int, sandbox: SandboxPool | None) -> None:
-        """Forget everything after ``keep`` steps; the working session restarts from there."""
-        del self.critiques[keep:]
-        if keep in self.unforked:
-            # The working session has run no code since that step: it is the state wanted.
-            del self.snapshots[keep + 1 :]
-            self.unforked = [j for j in self.unforked if j <= keep]
-            return
-        self.unforked = []
-        if self.opening is not None:
-            await self.ready()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-        if keep < len(self.snapshots):
-            for snapshot in self.snapshots[keep + 1 :]:
-                if snapshot is not None:
-                    await snapshot.close()
-            del self.snapshots[keep + 1 :]
-            base = self.snapshots[keep]
-            if base is not None:
-                self.session = await base.fork()
-            elif sandbox is not None:
-                self.session = await sandbox.open_session()
-
-    async def close(self) -> None:
-        if self.opening is not None:
-            with contextlib.suppress(Exception):
-                await self.ready()
-        for session in [self.session, *self.snapshots]:
-            if session is not None:
-                await session.close()
-        self.session, self.snapshots, self.unforked = None, [], []
-
-    def release(self) -> None:
-        """Close without waiting (:meth:`Session.release`); a session still opening is
-        released when it arrives."""
-        if self.opening is not None:
-            self.opening.add_done_callback(_release_opened)
-            self.opening = None
-        for session in [self.session, *self.snapshots]:
-            if session is not None:
-                session.release()
-        self.session, self.snapshots, self.unforked = None, [], []
-
-
-def _release_opened(task: asyncio.Task[Session]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result().release()
-
-
 class GenPRMCritic:
     """Critiques solutions step by step with the GenPRM protocol (``critic_protocol``).
 
@@ -289,8 +152,10 @@ class GenPRMCritic:
         self.sandbox = sandbox
         self.config = config or CriticConfig()
         tokenizer = template.tokenizer
-        self._yes_ids = frozenset(_word_ids(tokenizer, "Yes"))
-        self._no_ids = frozenset(_word_ids(tokenizer, "No"))
+        self.yes_ids = frozenset(_word_ids(tokenizer, "Yes"))
+        """Token ids of the decision word ``Yes`` (with and without a leading space)."""
+        self.no_ids = frozenset(_word_ids(tokenizer, "No"))
+        """Token ids of the decision word ``No``."""
 
     @classmethod
     def from_config(cls, config: CriticConfig, sandbox: SandboxPool | None) -> GenPRMCritic:
@@ -315,139 +180,50 @@ class GenPRMCritic:
         *,
         scan: ScanMode = "first_error",
         samples: int | None = None,
+        meter: UsageMeter | None = None,
     ) -> CritiqueReport:
-        """Critique a solution once (no reuse across calls)."""
+        """Critique a solution once (no reuse across calls).
+
+        Args:
+            problem: the problem.
+            steps: the solution's steps.
+            scan: ``first_error`` stops at the first flagged step; ``all`` scores every step.
+            samples: Maj@N chains (default: the config's ``samples``).
+            meter: the run's budget, checked before every model call and charged after it;
+                :class:`~critloop.errors.BudgetExceededError` propagates once it is spent.
+        """
         run = self.run(problem, keep_snapshots=False)
         try:
-            return await run.critique(steps, scan=scan, samples=samples)
+            report = await run.critique(steps, scan=scan, samples=samples, meter=meter)
+            # A session opened for code that no critique came to write may still be on its
+            # way (a kernel round trip): take it now, so that the release below closes it.
+            await run.wait_for_sessions()
+            return report
         finally:
             # The report is ready: the sandbox clean-up need not delay it.
             run.release()
 
-    # ------------------------------------------------------------------ one chain, one step
+    async def critique_step(
+        self, problem: str, steps: Sequence[str], chain: Chain, *, meter: UsageMeter | None = None
+    ) -> ChainCritique:
+        """One chain's critique of the next step: the first of ``steps`` that ``chain`` has not
+        critiqued. The stages follow the GenPRM protocol.
 
-    def _params(self, *, logprobs: bool = True, **kwargs: object) -> SamplingParams:
-        cfg = self.config
-        return cfg.sampling(logprobs=cfg.logprobs if logprobs else None, include_stop=True, **kwargs)
-
-    async def _critique_step(self, problem: str, steps: Sequence[str], chain: _Chain) -> ChainCritique:
-        cfg = self.config
-        k = len(chain.critiques) + 1
-        started = time.perf_counter()
-        prompt = self.template.render(
-            conversation(
-                problem,
-                steps,
-                [c.text for c in chain.critiques],
-                profile=cfg.profile,
-                first_step_format=cfg.first_step_format,
-            )
-        )
-        usage = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        # Tokens of the critique so far, kept as a running sum (the model's own counts plus
-        # ours of the text the protocol inserts) rather than re-tokenizing the growing text.
-        spent = 0
-
-        async def complete(text: str, params: SamplingParams) -> CompletionResult:
-            nonlocal spent
-            result = await self.model.complete(prompt + text, params)
-            usage["calls"] += 1
-            usage["prompt_tokens"] += result.prompt_tokens
-            usage["completion_tokens"] += result.completion_tokens
-            choice = result.choices[0]
-            spent += choice.completion_tokens or self.template.count_tokens(choice.text)
-            return result
-
-        def insert(piece: str) -> str:
-            nonlocal spent
-            spent += self.template.count_tokens(piece)
-            return piece
-
-        text = insert(ANALYZE_PREFIX.format(k=k))
-        segments: list[Segment] = []
-        budget = cfg.max_critique_tokens - spent
-        # The analysis ends before any judgement: its tokens' logprobs (often the longest
-        # stretch, with top-k alternatives each) would be parsed only to be dropped.
-        first = await complete(
-            text, self._params(stop=(ANALYZE_STOP,), max_tokens=max(1, budget), logprobs=False)
-        )
-        analysis = first.choices[0]
-        segments.append(segment_after(text, analysis.text, analysis.tokens))
-        text += analysis.text
-        code_runs: list[CodeRun] = []
-        finished = False
-        verify = cfg.code_rounds > 0 and chain.has_sandbox
-        if analysis.stop == ANALYZE_STOP and not verify:
-            # No code verification: straight from the analysis to the judgement.
-            text += OUTPUT_PREFIX
-            result = await complete(
-                text, self._params(stop=(OUTPUT_STOP,), max_tokens=cfg.forced_judgement_tokens)
-            )
-            choice = result.choices[0]
-            segments.append(segment_after(text, choice.text, choice.tokens))
-            text += choice.text
-            finished = True
-        elif analysis.stop == ANALYZE_STOP:
-            text += insert(VERIFY_PREFIX)
-            for _round in range(cfg.code_rounds):
-                left = cfg.max_critique_tokens - spent
-                if left <= 0:
-                    break
-                result = await complete(
-                    text, self._params(stop=(CODE_FENCE_STOP, OUTPUT_STOP), max_tokens=left)
-                )
-                choice = result.choices[0]
-                segments.append(segment_after(text, choice.text, choice.tokens))
-                text += choice.text
-                if choice.stop == OUTPUT_STOP:
-                    finished = True
-                    break
-                if choice.stop != CODE_FENCE_STOP:
-                    # The model ended (end of sequence or length) without closing its judgement.
-                    finished = choice.finish_reason == "stop" and find_verdict(text)[0] != "none"
-                    break
-                run = await self._run_code(text, chain)
-                code_runs.append(run)
-                text += insert(CODE_OUTPUT.format(output=run.output))
-        forced = not finished
-        if forced:
-            # The analysis alone, then the judgement (reference fallback).
-            text = ANALYZE_PREFIX.format(k=k) + analysis.text.split("</analyze>")[0] + FORCED_JUDGEMENT
-            result = await complete(
-                text, self._params(stop=(OUTPUT_STOP,), max_tokens=cfg.forced_judgement_tokens)
-            )
-            choice = result.choices[0]
-            segments = [segment_after(text, choice.text, choice.tokens)]
-            text += choice.text
-        verdict, offset = find_verdict(text)
-        reward, source = reward_for(verdict, offset, segments, yes_ids=self._yes_ids, no_ids=self._no_ids)
-        return ChainCritique(
-            text=text,
-            verdict=verdict,
-            reward=reward,
-            reward_source=source,
-            forced=forced,
-            code_runs=tuple(code_runs),
-            usage=ModelUsage(**usage, seconds=time.perf_counter() - started),
-        )
-
-    async def _run_code(self, critique: str, chain: _Chain) -> CodeRun:
-        blocks = _CODE_BLOCK.findall(critique)
-        if not blocks or not blocks[-1].strip():
-            return CodeRun(code="", output=CODE_MISSING, status="missing")
-        code = blocks[-1].strip()
-        session = await chain.before_exec()
-        result = await session.exec(code, timeout=self.config.code_timeout_seconds)
-        output = result.stdout.strip()
-        if result.status == "timeout":
-            output = CODE_TIMEOUT
-        elif result.status != "ok":
-            error = CODE_ERROR.format(error=result.error or result.status)
-            output = f"{output}\n{error}" if output else error
-        limit = self.config.max_code_output_chars
-        if len(output) > limit:
-            output = output[:limit] + f"\n... ({len(output) - limit} more characters not shown)"
-        return CodeRun(code=code, output=output, status=result.status)
+        Args:
+            problem: the problem.
+            steps: the solution's steps.
+            chain: the chain: its earlier critiques and its sandbox session.
+            meter: checked before every model call and charged after it; None: no budget.
+        """
+        step = StepCritique(self, problem, steps, chain, meter=meter)
+        if await step.analyze():
+            if step.verifies:
+                await step.verify()
+            else:
+                await step.judge()
+        if not step.judged:
+            await step.force_judgement()
+        return step.result()
 
 
 class CritiqueRun:
@@ -462,7 +238,7 @@ class CritiqueRun:
         self.critic = critic
         self.problem = problem
         self.keep_snapshots = keep_snapshots
-        self._chains: list[_Chain] = []
+        self._chains: list[Chain] = []
         self._steps: list[str] = []
         self._reports: list[StepReport] = []
         self._closed = False
@@ -481,6 +257,13 @@ class CritiqueRun:
         await asyncio.gather(*(chain.close() for chain in self._chains), return_exceptions=True)
         self._chains = []
 
+    async def wait_for_sessions(self) -> None:
+        """Wait until no chain's session is still opening (each opens in the background while
+        the first analysis is written, and is awaited only when code first runs)."""
+        await asyncio.gather(
+            *(chain.ready() for chain in self._chains if chain.opening is not None), return_exceptions=True
+        )
+
     def release(self) -> None:
         """Close without waiting: the sessions are killed in the background, tracked by the
         pool (:meth:`SandboxPool.close` waits for them)."""
@@ -498,7 +281,7 @@ class CritiqueRun:
             raise ConfigError("this critique run is closed")
         self.release()
         self._closed = False
-        self._chains = [_Chain() for _ in range(report.samples)]
+        self._chains = [Chain() for _ in range(report.samples)]
         for i, chain in enumerate(self._chains):
             chain.critiques = [step.chains[i] for step in report.step_reports if i < len(step.chains)]
         self._steps = list(report.steps[: len(report.step_reports)])
@@ -511,6 +294,7 @@ class CritiqueRun:
         scan: ScanMode = "first_error",
         samples: int | None = None,
         on_step: Callable[[StepReport], None] | None = None,
+        meter: UsageMeter | None = None,
     ) -> CritiqueReport:
         """Critique ``steps`` (reusing what is unchanged since the last call).
 
@@ -518,7 +302,12 @@ class CritiqueRun:
             steps: the solution's steps.
             scan: ``first_error`` stops at the first flagged step; ``all`` scores every step.
             samples: Maj@N chains (default: the config's ``samples``).
-            on_step: called with each newly critiqued step's report as soon as it is ready.
+            on_step: called with each step's report: first those of the unchanged prefix
+                (``reused``), then each newly critiqued one as soon as it is ready.
+            meter: the run's budget, checked before every model call and charged after it.
+                Once it is spent, :class:`~critloop.errors.BudgetExceededError` propagates (the
+                chains' other calls are cancelled); each chain may have overshot it by the one
+                call it had in flight.
         """
         if self._closed:
             raise ConfigError("this critique run is closed")
@@ -530,7 +319,7 @@ class CritiqueRun:
         if len(self._chains) != n:
             await self.aclose()
             self._closed = False
-            self._chains = [_Chain() for _ in range(n)]
+            self._chains = [Chain() for _ in range(n)]
             self._steps, self._reports = [], []
         same = 0
         while same < min(len(steps), len(self._steps)) and steps[same] == self._steps[same]:
@@ -539,6 +328,9 @@ class CritiqueRun:
         self._steps = steps
         self._reports = [r.model_copy(update={"reused": True}) for r in reusable]
         start = len(reusable)
+        if on_step is not None:
+            for report in self._reports:
+                on_step(report)
         await asyncio.gather(*(self._prepare(chain, start) for chain in self._chains))
         started = time.perf_counter()
         usage = ModelUsage()
@@ -546,7 +338,7 @@ class CritiqueRun:
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
             critiques = await all_or_nothing(
-                [critic._critique_step(self.problem, steps, chain) for chain in self._chains]
+                [critic.critique_step(self.problem, steps, chain, meter=meter) for chain in self._chains]
             )
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
@@ -580,7 +372,7 @@ class CritiqueRun:
             usage=usage,
         )
 
-    async def _prepare(self, chain: _Chain, keep: int) -> None:
+    async def _prepare(self, chain: Chain, keep: int) -> None:
         """Make the chain's history and sandbox match the first ``keep`` steps."""
         sandbox = self.critic.sandbox
         if len(chain.critiques) > keep or (chain.session is None and chain.snapshots):
@@ -589,9 +381,9 @@ class CritiqueRun:
             return
         if self.keep_snapshots and not chain.snapshots:
             chain.snapshots.append(None)  # the state after no step: a fresh session
-        chain.opening = asyncio.create_task(sandbox.open_session())
+        chain.open(sandbox)
 
-    def _snapshot(self, chain: _Chain, *, needed: bool) -> None:
+    def _snapshot(self, chain: Chain, *, needed: bool) -> None:
         if self.keep_snapshots and chain.has_sandbox:
             if needed:
                 chain.snapshot()

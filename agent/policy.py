@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from critloop.agent.budget import Role, UsageMeter
 from critloop.agent.steps import join_steps, split_steps
 from critloop.agent.writer import Writer, Written
 from critloop.tools.chat_template import ChatMessage
@@ -78,6 +79,25 @@ def _user(problem: str) -> ChatMessage:
     return {"role": "user", "content": f"{problem}\n{REASON_INSTRUCTION}"}
 
 
+async def _write(
+    writer: Writer,
+    messages: list[ChatMessage],
+    *,
+    role: Role,
+    meter: UsageMeter | None,
+    prefix: str | None = None,
+    max_tokens: int | None = None,
+) -> Written:
+    """One model call of ``role``, checked against the run's budget before it starts and
+    charged to it after (with a ``meter``)."""
+    if meter is not None:
+        meter.before_call()
+    written = await writer.write(messages, prefix=prefix, max_tokens=max_tokens)
+    if meter is not None:
+        meter.charge(role, written.usage)
+    return written
+
+
 class Policy:
     """Writes a step-by-step solution, and continues one from a corrected prefix.
 
@@ -99,15 +119,24 @@ class Policy:
         )
         return [*head, _user(problem)]
 
-    async def solve(self, problem: str) -> Draft:
-        written = await self.writer.write(self.messages(problem), max_tokens=self.max_tokens)
+    async def solve(self, problem: str, *, meter: UsageMeter | None = None) -> Draft:
+        """A solution of ``problem`` (one model call, checked and charged through ``meter``)."""
+        written = await _write(
+            self.writer, self.messages(problem), role="policy", meter=meter, max_tokens=self.max_tokens
+        )
         return Draft(steps=split_steps(written.text), replies=(written,))
 
-    async def continue_from(self, problem: str, prefix: Sequence[str]) -> Draft:
+    async def continue_from(
+        self, problem: str, prefix: Sequence[str], *, meter: UsageMeter | None = None
+    ) -> Draft:
         """The solution that starts with the steps ``prefix`` (kept as they are) and goes on."""
-        prefix_text = join_steps(prefix) + "\n\n"
-        written = await self.writer.write(
-            self.messages(problem), prefix=prefix_text, max_tokens=self.max_tokens
+        written = await _write(
+            self.writer,
+            self.messages(problem),
+            role="policy",
+            meter=meter,
+            prefix=join_steps(prefix) + "\n\n",
+            max_tokens=self.max_tokens,
         )
         return Draft(steps=[*prefix, *split_steps(written.text)], replies=(written,))
 
@@ -129,7 +158,9 @@ class Refiner:
         self.mode: RefineMode = mode
         self.max_tokens = max_tokens
 
-    async def rewrite_step(self, problem: str, steps: Sequence[str], index: int, analysis: str) -> Written:
+    async def _rewrite_step(
+        self, problem: str, steps: Sequence[str], index: int, analysis: str, meter: UsageMeter | None
+    ) -> Written:
         """The corrected step ``index`` (its text is the model's raw reply)."""
         prompt = REWRITE_STEP_PROMPT.format(
             problem=problem,
@@ -137,28 +168,45 @@ class Refiner:
             step=steps[index],
             analysis=analysis or "(no analysis given)",
         )
-        return await self.writer.write([{"role": "user", "content": prompt}], max_tokens=self.max_tokens)
+        return await _write(
+            self.writer,
+            [{"role": "user", "content": prompt}],
+            role="refiner",
+            meter=meter,
+            max_tokens=self.max_tokens,
+        )
 
-    async def refine(self, problem: str, steps: Sequence[str], index: int, analysis: str) -> Refinement:
-        """A new solution in which step ``index`` (flagged, with ``analysis``) is rethought."""
+    async def refine(
+        self,
+        problem: str,
+        steps: Sequence[str],
+        index: int,
+        analysis: str,
+        *,
+        meter: UsageMeter | None = None,
+    ) -> Refinement:
+        """A new solution in which step ``index`` (flagged, with ``analysis``) is rethought. The
+        refiner's calls are charged to ``refiner``, the policy's continuation to ``policy``."""
         if self.mode == "full":
             messages: list[ChatMessage] = [
                 *self.policy.messages(problem),
                 {"role": "assistant", "content": join_steps(steps)},
                 {"role": "user", "content": f"{REFINE_FULL_INSTRUCTION}{steps[index]}\n\n{analysis}"},
             ]
-            written = await self.writer.write(messages, max_tokens=self.policy.max_tokens)
+            written = await _write(
+                self.writer, messages, role="refiner", meter=meter, max_tokens=self.policy.max_tokens
+            )
             return Refinement(
                 rewrite=written.text.strip(),
                 steps=split_steps(written.text),
                 replies=(written,),
                 continued=(),
             )
-        rewrite = await self.rewrite_step(problem, steps, index, analysis)
+        rewrite = await self._rewrite_step(problem, steps, index, analysis, meter)
         new_step = join_steps(split_steps(rewrite.text)[:1])
         if not new_step:
             return Refinement(rewrite="", steps=[], replies=(rewrite,), continued=())
-        continued = await self.policy.continue_from(problem, [*steps[:index], new_step])
+        continued = await self.policy.continue_from(problem, [*steps[:index], new_step], meter=meter)
         return Refinement(
             rewrite=new_step, steps=continued.steps, replies=(rewrite,), continued=continued.replies
         )

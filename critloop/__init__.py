@@ -8,12 +8,20 @@ Embed the loop in three lines::
 """
 
 from critloop.agent import CriticConfig, CritiqueReport, GenPRMCritic
+from critloop.agent.budget import Budget, StopReason, Usage, UsageMeter
 from critloop.agent.policy import Policy, RefineMode, Refiner
 from critloop.agent.steps import extract_answer, join_steps, split_steps
 from critloop.agent.writer import ChatModelWriter, CompletionWriter, Writer
 from critloop.config import CritloopConfig, load_config
-from critloop.errors import CritloopError
-from critloop.graphs.budget import Budget, StopReason, Usage
+from critloop.errors import BudgetExceededError, CritloopError
+from critloop.graphs.events import (
+    DoneEvent,
+    RefinedEvent,
+    RefiningEvent,
+    RunEvent,
+    SolutionEvent,
+    StepEvent,
+)
 from critloop.sandbox import ExecResult, SandboxConfig, SandboxPool, Session
 from critloop.solver import Solver, SolveResult
 from critloop.tools import (
@@ -28,35 +36,49 @@ from critloop.tools import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # the loop
+    "Solver",
+    "SolveResult",
+    "StopReason",
     "Budget",
-    "ChatModelWriter",
-    "CompletionWriter",
+    "Usage",
+    "UsageMeter",
+    # its events, in the order a run yields them
+    "SolutionEvent",
+    "StepEvent",
+    "RefiningEvent",
+    "RefinedEvent",
+    "DoneEvent",
+    "RunEvent",
+    # roles
     "Policy",
     "Refiner",
     "RefineMode",
-    "SolveResult",
-    "Solver",
-    "StopReason",
-    "Usage",
     "Writer",
-    "extract_answer",
-    "join_steps",
-    "split_steps",
-    "CompletionModel",
+    "ChatModelWriter",
+    "CompletionWriter",
+    "GenPRMCritic",
     "CriticConfig",
     "CritiqueReport",
-    "CritloopConfig",
-    "CritloopError",
+    # models
+    "CompletionModel",
     "EndpointConfig",
-    "GenPRMCritic",
     "OpenAICompletionModel",
     "SamplingParams",
     "TransformersEngine",
-    "load_config",
+    # sandbox
     "ExecResult",
     "PythonSandboxTool",
     "SandboxConfig",
     "SandboxPool",
     "Session",
+    # configuration, errors, steps
+    "CritloopConfig",
+    "load_config",
+    "CritloopError",
+    "BudgetExceededError",
+    "extract_answer",
+    "join_steps",
+    "split_steps",
     "__version__",
 ]

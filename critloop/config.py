@@ -8,10 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from critloop.agent.budget import Budget
 from critloop.agent.critic import CriticConfig
 from critloop.agent.policy import RefineMode
 from critloop.errors import ConfigError
-from critloop.graphs.budget import Budget
 from critloop.sandbox import SandboxConfig
 from critloop.tools.endpoint import EndpointConfig
 

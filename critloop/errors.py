@@ -6,9 +6,12 @@ the whole family in one place. This module imports nothing from critloop: every 
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
     "CritloopError",
     "ConfigError",
+    "BudgetExceededError",
     "SandboxError",
     "SandboxUnavailableError",
     "SandboxImageError",
@@ -26,6 +29,15 @@ class CritloopError(Exception):
 
 class ConfigError(CritloopError, ValueError):
     """A configuration value or file is invalid; the message names the key."""
+
+
+class BudgetExceededError(CritloopError):
+    """A limit of the run's budget is spent: no further model call may start. ``reason`` is the
+    run's stop reason (``max_tokens`` or ``max_seconds``)."""
+
+    def __init__(self, reason: Literal["max_tokens", "max_seconds"], message: str) -> None:
+        super().__init__(message)
+        self.reason: Literal["max_tokens", "max_seconds"] = reason
 
 
 class SandboxError(CritloopError):

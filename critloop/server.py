@@ -34,10 +34,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from critloop.agent.budget import Budget
 from critloop.agent.steps import join_steps
 from critloop.errors import CritloopError
-from critloop.graphs.budget import Budget
-from critloop.graphs.refine import SolveResult
+from critloop.graphs.events import DoneEvent, RefinedEvent, RefiningEvent, RunEvent, SolutionEvent, StepEvent
+from critloop.graphs.result import SolveResult
 from critloop.solver import Solver
 
 __all__ = ["ServerSettings", "create_app"]
@@ -86,7 +87,7 @@ class _BudgetOverride(BaseModel):
     max_rounds: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_seconds: float | None = Field(default=None, gt=0)
-    samples: int | None = Field(default=None, ge=1)
+    samples: int | None = Field(default=None, ge=1, le=64)
 
 
 class _Options(BaseModel):
@@ -270,7 +271,8 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
             return _error(
                 400, "no user message with a problem in it", "invalid_request_error", param="messages"
             )
-        budget = _capped(settings.max_budget, payload.critloop.budget)
+        asked = payload.critloop.budget.model_dump(exclude_none=True)
+        budget = settings.max_budget.capped(settings.max_budget.model_copy(update=asked))
         if metrics.in_flight + metrics.waiting >= settings.max_concurrency + settings.max_queue:
             metrics.requests["overloaded"] += 1
             return _error(503, "the server is at capacity; retry later", "server_overloaded")
@@ -290,14 +292,12 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         return JSONResponse(_completion(completion_id, result))
 
     async def _run(problem: str, budget: Budget) -> SolveResult:
-        result: SolveResult | None = None
         async for event in _events(problem, budget):
-            if event["event"] == "done":
-                result = event["result"]
-        assert result is not None
-        return result
+            if isinstance(event, DoneEvent):
+                return event.result
+        raise AssertionError("a run always ends with a DoneEvent")
 
-    async def _events(problem: str, budget: Budget) -> AsyncGenerator[dict[str, Any], None]:
+    async def _events(problem: str, budget: Budget) -> AsyncGenerator[RunEvent, None]:
         metrics.waiting += 1
         try:
             await slots.acquire()
@@ -307,8 +307,8 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         started = time.perf_counter()
         try:
             async for event in solver.astream(problem, budget=budget):
-                if event["event"] == "done":
-                    metrics.record(event["result"], time.perf_counter() - started)
+                if isinstance(event, DoneEvent):
+                    metrics.record(event.result, time.perf_counter() - started)
                 yield event
         finally:
             metrics.in_flight -= 1
@@ -335,7 +335,7 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         # A client that goes away is noticed at once, not at the next write (which may be
         # minutes away while a model thinks): its run is cancelled and its sessions freed.
         gone = asyncio.create_task(_disconnected(request))
-        step: asyncio.Future[dict[str, Any]] | None = None
+        step: asyncio.Future[RunEvent] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(events))
@@ -347,13 +347,13 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
                     event = step.result()
                 except StopAsyncIteration:
                     break
-                if event["event"] == "done":
-                    result: SolveResult = event["result"]
+                if isinstance(event, DoneEvent):
+                    result = event.result
                     yield chunk({"content": _answer_text(result)})
                     yield chunk({}, "stop", critloop=_extension(result), usage=_usage(result))
                     metrics.requests["ok"] += 1
                     break
-                yield chunk({"reasoning_content": _progress(event)}, critloop=_jsonable(event))
+                yield chunk({"reasoning_content": _progress(event)}, critloop=event.to_json())
         except CritloopError as exc:
             metrics.requests["failed"] += 1
             yield chunk({"content": f"\n[critloop error: {exc}]"}, "stop")
@@ -374,32 +374,10 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
-def _invalid(status: int, message: str, param: str) -> JSONResponse:
-    return _error(status, message, "invalid_request_error", param=param)
-
-
-def _too_large(settings: ServerSettings) -> JSONResponse:
-    return _error(
-        413, f"the request is larger than {settings.max_request_bytes} bytes", "invalid_request_error"
-    )
-
-
 async def _disconnected(request: Request) -> None:
     """Returns when the client has disconnected (the request body was read before)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _capped(maximum: Budget, asked: _BudgetOverride) -> Budget:
-    def cap(value: Any, limit: Any) -> Any:
-        return limit if value is None else min(value, limit) if limit is not None else value
-
-    return Budget(
-        max_rounds=cap(asked.max_rounds, maximum.max_rounds),
-        max_tokens=cap(asked.max_tokens, maximum.max_tokens),
-        max_seconds=cap(asked.max_seconds, maximum.max_seconds),
-        samples=cap(asked.samples, maximum.samples),
-    )
 
 
 def _describe(errors: Any) -> str:
@@ -417,9 +395,7 @@ def _answer_text(result: SolveResult) -> str:
 
 
 def _usage(result: SolveResult) -> dict[str, int]:
-    u = result.usage
-    prompt = u.policy.prompt_tokens + u.critic.prompt_tokens + u.refiner.prompt_tokens
-    completion = u.completion_tokens
+    prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -455,19 +431,18 @@ def _completion(completion_id: str, result: SolveResult) -> dict[str, Any]:
     }
 
 
-def _progress(event: dict[str, Any]) -> str:
-    kind = event["event"]
-    if kind == "solution":
-        return f"Draft {event['round']}: {len(event['steps'])} steps.\n"
-    if kind == "step":
-        mark = "flagged" if event["flagged"] else "ok"
-        return f"Step {event['index'] + 1}: {event['verdict']} (reward {event['reward']:.2f}, {mark}).\n"
-    if kind == "refining":
-        return f"Rewriting step {event['index'] + 1} (round {event['round']}).\n"
-    if kind == "refined":
-        return f"Rewrote step {event['index'] + 1}.\n"
+def _progress(event: RunEvent) -> str:
+    """The event as a line of the reply's ``reasoning_content``."""
+    match event:
+        case SolutionEvent():
+            return f"Draft {event.round}: {len(event.steps)} steps.\n"
+        case StepEvent(reused=True):
+            return f"Step {event.index + 1}: unchanged ({event.verdict}, reward {event.reward:.2f}).\n"
+        case StepEvent():
+            mark = "flagged" if event.flagged else "ok"
+            return f"Step {event.index + 1}: {event.verdict} (reward {event.reward:.2f}, {mark}).\n"
+        case RefiningEvent():
+            return f"Rewriting step {event.index + 1} (round {event.round}).\n"
+        case RefinedEvent():
+            return f"Rewrote step {event.index + 1}.\n"
     return ""
-
-
-def _jsonable(event: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in event.items() if k != "result"}

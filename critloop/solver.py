@@ -11,21 +11,25 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from critloop.agent.budget import Budget
 from critloop.agent.critic import GenPRMCritic
 from critloop.agent.policy import Policy, RefineMode, Refiner
 from critloop.agent.writer import ChatModelWriter, CompletionWriter, Writer
 from critloop.config import CritloopConfig, load_config
 from critloop.errors import ConfigError
-from critloop.graphs.budget import Budget
-from critloop.graphs.refine import RefineContext, SolveResult, build_refine_graph, stream_refine
-from critloop.sandbox import SandboxConfig, SandboxPool
+from critloop.graphs.events import DoneEvent, RunEvent
+from critloop.graphs.refine import RefineContext, RefineGraph, build_refine_graph, stream_refine
+from critloop.graphs.result import SolveResult
+from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.endpoint import EndpointConfig, build_completion_model
+from critloop.tools.endpoint import build_completion_models
 
 __all__ = ["SolveResult", "Solver", "make_graph"]
 
@@ -33,8 +37,10 @@ __all__ = ["SolveResult", "Solver", "make_graph"]
 class Solver:
     """Solves math problems with the self-correcting loop: policy -> GenPRM critic -> refiner.
 
-    Build it from a config file (:meth:`from_config`) or from objects. Use ``async with`` (or
-    :meth:`aclose`) to release what it started (models, sandbox containers).
+    Build it from a config file (:meth:`from_config`) or from objects. A solver built from a
+    config owns what it built (the sandbox pool, the model clients and engines): ``async with``
+    (or :meth:`aclose`) releases them, and a later run opens them again. A solver built from
+    objects leaves them to their owner.
 
     Args:
         policy: the policy's writer, or any LangChain ``BaseChatModel``.
@@ -47,9 +53,11 @@ class Solver:
         max_step_tokens: the limit of one rewritten step.
 
     Example:
+        >>> from critloop import StepEvent
         >>> async with Solver.from_config("critloop.toml") as solver:  # doctest: +SKIP
         ...     async for event in solver.astream("What is 2 + 3 * 4?"):
-        ...         print(event["event"])
+        ...         if isinstance(event, StepEvent):
+        ...             print(event.index, event.reward)
     """
 
     def __init__(
@@ -73,10 +81,9 @@ class Solver:
         )
         self.critic = critic
         self.budget = budget or Budget()
-        self.graph = build_refine_graph(checkpointer=checkpointer)
-        # Set by from_config: the solver then owns its sandbox pool and clients, and reopens
-        # them after aclose() (each solve() runs in a new event loop).
-        self._sandbox_config: SandboxConfig | None = None
+        self.graph: RefineGraph = build_refine_graph(checkpointer=checkpointer)
+        self._owned: tuple[contextlib.AbstractAsyncContextManager[Any], ...] = ()
+        self._open: contextlib.AsyncExitStack | None = None
 
     @classmethod
     def from_config(
@@ -87,22 +94,35 @@ class Solver:
         checkpointer: Any = None,
     ) -> Solver:
         """A solver for the models, critic, sandbox and budget of a config (a TOML path, a
-        :class:`CritloopConfig`, or None for the embedded defaults). Raises ConfigError."""
+        :class:`CritloopConfig`, or None for the embedded defaults), owning what it builds.
+        Raises ConfigError."""
         cfg = config if isinstance(config, CritloopConfig) else load_config(config)
+        endpoints = [cfg.policy, cfg.critic, *([cfg.refiner] if cfg.refiner else [])]
+        models = build_completion_models(*endpoints)
+        writers = [
+            CompletionWriter(model, ChatTemplate.from_pretrained(endpoint.tokenizer_ref), endpoint.sampling())
+            for model, endpoint in zip(models, endpoints, strict=True)
+        ]
+        pool = SandboxPool(cfg.sandbox)
+        critic_template = writers[1].template
         solver = cls(
-            policy=_completion_writer(cfg.policy),
-            critic=GenPRMCritic.from_config(cfg.critic, SandboxPool(cfg.sandbox)),
-            refiner=_completion_writer(cfg.refiner) if cfg.refiner else None,
+            policy=writers[0],
+            critic=GenPRMCritic(models[1], critic_template, pool, cfg.critic),
+            refiner=writers[2] if cfg.refiner else None,
             budget=budget or cfg.budget,
             mode=cfg.refine.mode,
             checkpointer=checkpointer,
             max_step_tokens=cfg.refine.max_step_tokens,
         )
-        solver._sandbox_config = cfg.sandbox
+        owned: list[Any] = [pool]
+        for model in models:  # an engine shared by roles is owned once
+            if not any(model is other for other in owned):
+                owned.append(model)
+        solver._owned = tuple(owned)
         return solver
 
     def context(self, budget: Budget | None = None) -> RefineContext:
-        """A fresh runtime context for one run of :attr:`graph`."""
+        """The runtime context of a run of :attr:`graph` (immutable; shared by concurrent runs)."""
         return RefineContext(
             policy=self.policy, refiner=self.refiner, critic=self.critic, budget=budget or self.budget
         )
@@ -112,12 +132,10 @@ class Solver:
     ) -> SolveResult:
         """Solve ``problem``. With a checkpointer and a ``thread_id`` already used, an unfinished
         run resumes where it stopped, and a finished one returns its result without any model call."""
-        result: SolveResult | None = None
         async for event in self.astream(problem, thread_id=thread_id, budget=budget):
-            if event["event"] == "done":
-                result = event["result"]
-        assert result is not None
-        return result
+            if isinstance(event, DoneEvent):
+                return event.result
+        raise AssertionError("a run always ends with a DoneEvent")
 
     def solve(
         self, problem: str, *, thread_id: str | None = None, budget: Budget | None = None
@@ -134,38 +152,39 @@ class Solver:
 
     async def astream(
         self, problem: str, *, thread_id: str | None = None, budget: Budget | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The run as events: ``{"event": "step", index, reward, verdict, flagged, critique}`` for
-        each critiqued step, ``refining`` / ``refined`` around each refinement, ``solution`` for
-        each new solution, and finally ``{"event": "done", "result": SolveResult}``."""
-        await self._start()
+    ) -> AsyncIterator[RunEvent]:
+        """The run as typed events (:data:`~critloop.graphs.events.RunEvent`): a
+        :class:`~critloop.graphs.events.SolutionEvent` for each new solution, a
+        :class:`~critloop.graphs.events.StepEvent` for each critiqued step,
+        :class:`~critloop.graphs.events.RefiningEvent` / :class:`~critloop.graphs.events.RefinedEvent`
+        around each refinement, and last a :class:`~critloop.graphs.events.DoneEvent` with the
+        result."""
+        await self.open()
         async for event in stream_refine(self.graph, self.context(budget), problem, thread_id=thread_id):
             yield event
 
-    async def _start(self) -> None:
-        if self._sandbox_config is None or self.critic.sandbox is None:
+    async def open(self) -> None:
+        """Open what the solver owns (start its sandbox pool). Idempotent; runs call it."""
+        if self._open is not None:
             return
-        if self.critic.sandbox.closed:
-            self.critic.sandbox = SandboxPool(self._sandbox_config)
-        await self.critic.sandbox.start()
+        stack = contextlib.AsyncExitStack()
+        try:
+            for resource in self._owned:
+                await stack.enter_async_context(resource)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._open = stack
 
     async def aclose(self) -> None:
-        """Close what the solver started itself (its sandbox pool and HTTP clients); a later
-        call starts them again."""
-        if self._sandbox_config is None:
-            return
-        from critloop.tools.openai_client import OpenAICompletionModel
-
-        if self.critic.sandbox is not None:
-            await self.critic.sandbox.close()
-        # HTTP clients hold connections; in-process engines are shared across solvers and stay.
-        writers = (self.policy.writer, self.refiner.writer)
-        for model in [*(getattr(w, "model", None) for w in writers), self.critic.model]:
-            if isinstance(model, OpenAICompletionModel):
-                await model.aclose()
+        """Close what the solver owns (its sandbox pool, HTTP clients, engines' workers); a later
+        run opens them again."""
+        stack, self._open = self._open, None
+        if stack is not None:
+            await stack.aclose()
 
     async def __aenter__(self) -> Solver:
-        await self._start()
+        await self.open()
         return self
 
     async def __aexit__(
@@ -187,44 +206,40 @@ def _writer(model: Any) -> Writer:
     )
 
 
-def _completion_writer(endpoint: EndpointConfig) -> CompletionWriter:
-    return CompletionWriter(
-        build_completion_model(endpoint),
-        ChatTemplate.from_pretrained(endpoint.tokenizer_ref),
-        endpoint.sampling(),
-    )
-
-
-def make_graph(config: Any = None) -> Any:
+def make_graph(config: Any = None) -> RefineGraph:
     """The graph factory named in ``langgraph.json`` (for ``langgraph dev``): the refine graph
     with no checkpointer (the server brings its own), whose runs without a context use the
     models of the config file named by ``$CRITLOOP_CONFIG`` (or the embedded defaults).
 
-    The server calls the factory for every run: the models and the sandbox pool are built once
-    per process (and event loop) and shared by every graph it returns.
+    The server calls the factory for every run: the solver behind those runs is built once per
+    config file, on the first run, and serves every graph the factory returns until the process
+    ends (see :class:`_ServedSolvers`).
     """
-    return build_refine_graph(default_context=_shared_default_context)
+    return build_refine_graph(default_context=_SERVED.context)
 
 
-_DEFAULT_CONTEXTS: dict[tuple[str | None, int], asyncio.Future[RefineContext]] = {}
+class _ServedSolvers:
+    """The solvers behind :func:`make_graph`'s graphs, one per config file, each opened once
+    and owned for the life of the process (the server's)."""
+
+    def __init__(self) -> None:
+        self._solvers: dict[str | None, asyncio.Task[Solver]] = {}
+
+    async def context(self) -> RefineContext:
+        path = os.environ.get("CRITLOOP_CONFIG") or None
+        task = self._solvers.get(path)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            # A failed build is not kept: the next run tries again (and reports its own error).
+            task = self._solvers[path] = asyncio.ensure_future(self._open(path))
+        solver = await asyncio.shield(task)
+        return solver.context()
+
+    @staticmethod
+    async def _open(path: str | None) -> Solver:
+        # Reading the config and the tokenizers is file I/O: off the event loop.
+        solver = await asyncio.to_thread(lambda: Solver.from_config(load_config(path)))
+        await solver.open()
+        return solver
 
 
-async def _shared_default_context() -> RefineContext:
-    import os
-
-    key = (os.environ.get("CRITLOOP_CONFIG") or None, id(asyncio.get_running_loop()))
-    future = _DEFAULT_CONTEXTS.get(key)
-    if future is None:
-        future = _DEFAULT_CONTEXTS[key] = asyncio.ensure_future(_build_default_context(key[0]))
-        # A failed build is not kept: the next run tries again (and reports its own error).
-        future.add_done_callback(
-            lambda f: f.cancelled() or f.exception() is None or _DEFAULT_CONTEXTS.pop(key, None)
-        )
-    return await asyncio.shield(future)
-
-
-async def _build_default_context(path: str | None) -> RefineContext:
-    # Reading the config and the tokenizers is file I/O: off the event loop.
-    solver = await asyncio.to_thread(lambda: Solver.from_config(load_config(path)))
-    await solver._start()
-    return solver.context()
+_SERVED = _ServedSolvers()

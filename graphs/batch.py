@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import dataclasses
 import json
-import os
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -21,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+from typing_extensions import TypedDict, Unpack
 
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
-from critloop.graphs.refine import RefineContext, SolveResult, stream_refine
+from critloop.graphs._results import ResultsFile
+from critloop.graphs.events import DoneEvent, StepEvent
+from critloop.graphs.refine import RefineContext, stream_refine
+from critloop.graphs.result import SolveResult
 from critloop.tools.grading import agrade, gold_from_gsm8k
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "open_checkpointer",
     "Problem",
     "ResultsFile",
+    "RunOptions",
     "error_record",
     "load_problems",
     "run_batch",
@@ -104,12 +107,13 @@ def load_problems(
             continue
         key = _pick(row, fields.id, ID_FIELDS)
         pid = str(row[key]) if key else f"{path.stem}:{line}"
-        problem_key = _pick(row, fields.problem, PROBLEM_FIELDS)
-        if problem_key is None:
-            wanted = fields.problem or " or ".join(PROBLEM_FIELDS)
-            bad.append(error_record(pid, f"{where}: no {wanted!r} field"))
+        candidates = (fields.problem,) if fields.problem else PROBLEM_FIELDS
+        if not any(key in row for key in candidates):
+            bad.append(error_record(pid, f"{where}: no {' or '.join(candidates)!r} field"))
             continue
-        text = row[problem_key]
+        # Detection passes over a field that is there but null or "": that problem is empty.
+        problem_key = _pick(row, fields.problem, PROBLEM_FIELDS)
+        text = row[problem_key] if problem_key is not None else None
         if not isinstance(text, str) or not text.strip():
             bad.append(error_record(pid, f"{where}: the problem is empty"))
             continue
@@ -239,64 +243,6 @@ async def open_checkpointer(path: str | Path) -> AsyncIterator[Any]:
         yield AsyncSqliteSaver(conn)
 
 
-# --------------------------------------------------------------------------- results file
-
-
-class ResultsFile:
-    """An append-only JSONL file of records, one per problem, crash-safe.
-
-    Each record is written with one ``write`` of the whole line, flushed and fsynced before the
-    next. A line torn by a crash (no final newline) is cut off when the file is opened again,
-    so the finished records before it are untouched and the torn problem simply runs again.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = asyncio.Lock()
-
-    def records(self) -> list[dict[str, Any]]:
-        """The complete records in the file (a torn last line is not one)."""
-        if not self.path.exists():
-            return []
-        records = []
-        with self.path.open("rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break
-                try:
-                    records.append(json.loads(raw))
-                except ValueError:
-                    continue  # cannot happen with this writer; never lose the rest for it
-        return records
-
-    def repair(self) -> None:
-        """Cut a torn last line (a crash in the middle of a write)."""
-        if not self.path.exists():
-            return
-        with self.path.open("rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-                f.flush()
-                os.fsync(f.fileno())
-
-    async def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        async with self._lock:
-            await asyncio.to_thread(self._write, line)
-
-    def _write(self, line: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def error_record(
     pid: str, error: str, *, problem: str | None = None, gold: str | None = None
 ) -> dict[str, Any]:
@@ -319,16 +265,25 @@ def error_record(
 # --------------------------------------------------------------------------- the runner
 
 
+class RunOptions(TypedDict, total=False):
+    """How a batch method runs over its problems (see :func:`run_batch`)."""
+
+    concurrency: int
+    """Problems in flight at once (default 8)."""
+    resume: bool
+    """Skip the ids already in the results file; without it, a non-empty file is an error."""
+    bad: Sequence[dict[str, Any]]
+    """Error records of bad input records, written first (once)."""
+    on_record: Callable[[dict[str, Any]], None] | None
+    """Called with each record as it is written (progress display)."""
+
+
 async def run_batch(
     graph: Any,
     context: RefineContext,
     problems: Sequence[Problem],
     out: str | Path,
-    *,
-    concurrency: int = 8,
-    resume: bool = False,
-    bad: Sequence[dict[str, Any]] = (),
-    on_record: Callable[[dict[str, Any]], None] | None = None,
+    **options: Unpack[RunOptions],
 ) -> list[dict[str, Any]]:
     """Run every problem through the refine ``graph`` and append one record each to ``out``.
 
@@ -338,47 +293,32 @@ async def run_batch(
         context: the roles and budget, shared by all problems (one sandbox pool, one client set).
         problems: what to solve.
         out: the results file (JSONL).
-        concurrency: problems in flight at once.
-        resume: skip the ids already in ``out``; without it, a non-empty ``out`` is an error.
-        bad: error records of bad input records, written first (once).
-        on_record: called with each record as it is written (progress display).
+        **options: ``concurrency``, ``resume``, ``bad``, ``on_record`` (see :class:`RunOptions`).
 
     Returns:
         The records written by this call.
+
+    Raises:
+        ConfigError: ``concurrency`` is below 1, or ``out`` holds results and ``resume`` is off.
     """
-    return await run_records(
-        problems,
-        lambda problem: solve_record(graph, context, problem),
-        out,
-        concurrency=concurrency,
-        resume=resume,
-        bad=bad,
-        on_record=on_record,
-    )
+    return await run_records(problems, lambda problem: solve_record(graph, context, problem), out, **options)
 
 
 async def run_records(
     problems: Sequence[Problem],
     make_record: Callable[[Problem], Awaitable[dict[str, Any]]],
     out: str | Path,
-    *,
-    concurrency: int = 8,
-    resume: bool = False,
-    bad: Sequence[dict[str, Any]] = (),
-    on_record: Callable[[dict[str, Any]], None] | None = None,
+    **options: Unpack[RunOptions],
 ) -> list[dict[str, Any]]:
     """The runner under every batch method: ``make_record`` for each problem not yet in
     ``out``, ``concurrency`` at a time, each record appended as soon as it is made (see
     :func:`run_batch` for the arguments)."""
+    concurrency = options.get("concurrency", 8)
+    on_record = options.get("on_record")
     if concurrency < 1:
         raise ConfigError("concurrency must be at least 1")
     results = ResultsFile(out)
-    if results.path.exists() and results.path.stat().st_size and not resume:
-        raise ConfigError(
-            f"{out} already holds results: pass --resume to continue it, or choose another --out"
-        )
-    results.repair()
-    done = {record.get("id") for record in results.records()}
+    done = {record.get("id") for record in results.open_for_append(resume=options.get("resume", False))}
     written: list[dict[str, Any]] = []
 
     async def emit(record: dict[str, Any]) -> None:
@@ -387,7 +327,7 @@ async def run_records(
         if on_record is not None:
             on_record(record)
 
-    for record in bad:
+    for record in options.get("bad", ()):
         if record["id"] not in done:
             done.add(record["id"])
             await emit(record)
@@ -403,15 +343,15 @@ async def run_records(
 
 async def solve_record(graph: Any, context: RefineContext, problem: Problem) -> dict[str, Any]:
     """One problem's record: the run's result, graded, with the steps the critic judged."""
-    own = dataclasses.replace(context, runs={}, tasks=set())  # per-problem runs and tasks; shared roles
     critiqued: list[list[Any]] = []
     result: SolveResult | None = None
     try:
-        async for event in stream_refine(graph, own, problem.problem, thread_id=problem.id):
-            if event["event"] == "step" and not event.get("reused"):
-                critiqued.append([event["reward"], event["flagged"]])
-            elif event["event"] == "done":
-                result = event["result"]
+        async for event in stream_refine(graph, context, problem.problem, thread_id=problem.id):
+            match event:
+                case StepEvent(reused=False):
+                    critiqued.append([event.reward, event.flagged])
+                case DoneEvent():
+                    result = event.result
     except Exception as exc:  # noqa: BLE001 - one problem's failure is its record, the batch goes on
         return error_record(
             problem.id, f"{type(exc).__name__}: {exc}", problem=problem.problem, gold=problem.gold

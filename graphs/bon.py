@@ -18,16 +18,18 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+from typing_extensions import Unpack
+
+from critloop.agent.budget import StopReason, Usage
 from critloop.agent.critic import CritiqueReport, GenPRMCritic
 from critloop.agent.policy import Draft, Policy
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
-from critloop.graphs.batch import Problem, error_record, run_records
-from critloop.graphs.budget import StopReason, Usage
+from critloop.graphs.batch import Problem, RunOptions, error_record, run_records
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.grading import agrade
 
@@ -208,10 +210,7 @@ async def run_best_of_n(
     n: int,
     aggregation: Aggregation = "min",
     samples: int | None = None,
-    concurrency: int = 8,
-    resume: bool = False,
-    bad: Sequence[dict[str, Any]] = (),
-    on_record: Callable[[dict[str, Any]], None] | None = None,
+    **options: Unpack[RunOptions],
 ) -> list[dict[str, Any]]:
     """Best-of-N over every problem, one record each appended to ``out``.
 
@@ -227,8 +226,6 @@ async def run_best_of_n(
         ConfigError: a bad ``n``, ``aggregation`` or ``concurrency``, or ``out`` holds results
             and ``resume`` is off.
     """
-    if concurrency < 1:
-        raise ConfigError("concurrency must be at least 1")
     if n < 1:
         raise ConfigError("n must be at least 1")
     aggregate([], aggregation)
@@ -238,8 +235,5 @@ async def run_best_of_n(
             policy, critic, problem, n=n, aggregation=aggregation, samples=samples
         ),
         out,
-        concurrency=concurrency,
-        resume=resume,
-        bad=bad,
-        on_record=on_record,
+        **options,
     )

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from critloop.agent.critic import GenPRMCritic
 from critloop.errors import ConfigError, CritloopError
+from critloop.graphs._results import ResultsFile
 
 __all__ = [
     "PAPER_F1",
     "SPLITS",
     "ProcessBenchRecord",
+    "Split",
     "SplitMetrics",
     "evaluate_processbench",
     "load_processbench",
@@ -30,7 +31,9 @@ __all__ = [
     "read_results",
 ]
 
-SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
+Split = Literal["gsm8k", "math", "olympiadbench", "omnimath"]
+"""The splits of the benchmark (its four source datasets)."""
+SPLITS: tuple[Split, ...] = get_args(Split)
 PAPER_F1 = {
     "GenPRM-7B Pass@1": {
         "gsm8k": 78.7,
@@ -60,7 +63,7 @@ class ProcessBenchRecord:
     """0-based index of the earliest wrong step; -1 when every step is right."""
 
 
-def _records(rows: Iterable[Any], split: str, source: str) -> list[ProcessBenchRecord]:
+def _records(rows: Iterable[Any], split: str | None, source: Path) -> list[ProcessBenchRecord]:
     records = []
     for line, row in enumerate(rows, start=1):
         where = f"{source}: record {line}"
@@ -75,18 +78,31 @@ def _records(rows: Iterable[Any], split: str, source: str) -> list[ProcessBenchR
         label = row["label"]
         if not isinstance(label, int) or not -1 <= label < len(steps):
             raise ConfigError(f"{where}: `label` must be -1 or a step index, not {label!r}")
+        own_split = row.get("split")
         records.append(
             ProcessBenchRecord(
-                id=str(row["id"]), split=split, problem=str(row["problem"]), steps=tuple(steps), label=label
+                id=str(row["id"]),
+                split=split or (str(own_split) if own_split else source.stem),
+                problem=str(row["problem"]),
+                steps=tuple(steps),
+                label=label,
             )
         )
     return records
 
 
 def load_processbench(source: str | Path, split: str | None = None) -> list[ProcessBenchRecord]:
-    """Records from a ProcessBench file (JSON list or JSONL); the split defaults to the file name."""
+    """Records from a ProcessBench file (JSON list or JSONL).
+
+    Args:
+        source: the file.
+        split: the split of every record; None: a record's own ``split`` field where it has
+            one, else the file's stem (the benchmark's files are ``<split>.json``).
+
+    Raises:
+        ConfigError: the file cannot be read, or a record is malformed (the message names it).
+    """
     path = Path(source)
-    split = split or path.stem
     try:
         text = path.read_text()
     except OSError as exc:
@@ -97,7 +113,7 @@ def load_processbench(source: str | Path, split: str | None = None) -> list[Proc
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return _records(rows, split, str(path))
+        return _records(rows, split, path)
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -106,22 +122,12 @@ def load_processbench(source: str | Path, split: str | None = None) -> list[Proc
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: line {number} is not valid JSON: {exc.msg}") from None
-    return _records(rows, split, str(path))
+    return _records(rows, split, path)
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
     """The result lines of an evaluation file (a torn last line, from a crash, is ignored)."""
-    results = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            results.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return results
+    return ResultsFile(path).records()
 
 
 async def evaluate_processbench(
@@ -135,49 +141,44 @@ async def evaluate_processbench(
 ) -> list[dict[str, Any]]:
     """Critique every record not yet in ``out`` and append one JSON line per record.
 
-    Resumable: ids already in ``out`` are skipped. Each line is written whole (write, flush,
-    fsync), so a killed run never leaves a torn line behind a finished one. A record whose
-    critique fails (endpoint down after retries, sandbox gone) is written with ``error`` set.
+    Resumable: the (split, id) pairs already in ``out`` are skipped. ``out`` is the crash-safe
+    results file of the batch runners: each line is written whole and fsynced, and a line torn
+    by a crash is cut before the run appends. A record whose critique fails (endpoint down after
+    retries, sandbox gone) is written with ``error`` set.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r.get("split"), r.get("id")) for r in read_results(out)}
+    results_file = ResultsFile(out)
+    done = {(r.get("split"), r.get("id")) for r in results_file.open_for_append(resume=True)}
     todo = [r for r in records if (r.split, r.id) not in done]
     limit = asyncio.Semaphore(concurrency)
-    lock = asyncio.Lock()
     results: list[dict[str, Any]] = []
-    with out.open("a", encoding="utf-8") as sink:
 
-        async def one(record: ProcessBenchRecord) -> None:
-            async with limit:
-                line: dict[str, Any] = {"id": record.id, "split": record.split, "label": record.label}
-                try:
-                    report = await critic.critique(record.problem, record.steps, samples=samples)
-                except CritloopError as exc:
-                    line.update(prediction=None, step_rewards=[], error=f"{type(exc).__name__}: {exc}")
-                else:
-                    first = report.first_error
-                    line.update(
-                        prediction=-1 if first is None else first,
-                        step_rewards=report.rewards,
-                        error=None,
-                        usage=report.usage.model_dump(),
-                        critiques=[
-                            [
-                                {"text": c.text, "verdict": c.verdict, "reward": c.reward, "forced": c.forced}
-                                for c in s.chains
-                            ]
-                            for s in report.step_reports
-                        ],
-                    )
-                async with lock:
-                    sink.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                results.append(line)
-                on_result(line)
+    async def one(record: ProcessBenchRecord) -> None:
+        async with limit:
+            line: dict[str, Any] = {"id": record.id, "split": record.split, "label": record.label}
+            try:
+                report = await critic.critique(record.problem, record.steps, samples=samples)
+            except CritloopError as exc:
+                line.update(prediction=None, step_rewards=[], error=f"{type(exc).__name__}: {exc}")
+            else:
+                first = report.first_error
+                line.update(
+                    prediction=-1 if first is None else first,
+                    step_rewards=report.rewards,
+                    error=None,
+                    usage=report.usage.model_dump(),
+                    critiques=[
+                        [
+                            {"text": c.text, "verdict": c.verdict, "reward": c.reward, "forced": c.forced}
+                            for c in s.chains
+                        ]
+                        for s in report.step_reports
+                    ],
+                )
+            await results_file.append(line)
+            results.append(line)
+            on_result(line)
 
-        await asyncio.gather(*(one(r) for r in todo))
+    await asyncio.gather(*(one(r) for r in todo))
     return results
 
 

@@ -21,9 +21,12 @@ def completion(text: str, stop: str | None, prompt: str) -> dict:
     }
 
 
-def policy_and_critic(delay: float = 0.0, solution: str = SOLUTION) -> Callable[[Recorded], Reply]:
-    """Answers each request by what its prompt asks: a solution, or a stage of a critique
-    that writes code once and says Yes (no logprobs: hard-label rewards)."""
+def policy_and_critic(
+    delay: float = 0.0, solution: str | Callable[[str], str] = SOLUTION
+) -> Callable[[Recorded], Reply]:
+    """Answers each request by what its prompt asks: a solution (``solution``, or what it gives
+    for the prompt), or a stage of a critique that writes code once and says Yes (no logprobs:
+    hard-label rewards)."""
 
     def reply(request: Recorded) -> Reply:
         prompt = json.loads(request.body)["prompt"]
@@ -37,7 +40,7 @@ def policy_and_critic(delay: float = 0.0, solution: str = SOLUTION) -> Callable[
         elif prompt.endswith("\\boxed"):
             body = completion("{Yes}$\n</output>\n", "</output>\n", prompt)
         else:
-            body = completion(solution, None, prompt)
+            body = completion(solution(prompt) if callable(solution) else solution, None, prompt)
         return Reply(200, body, delay=delay)
 
     return reply

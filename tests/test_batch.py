@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from refine_script import critic_by_content, policy_script
 
+from critloop.agent.budget import Budget
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.policy import Policy, Refiner
 from critloop.agent.writer import CompletionWriter
 from critloop.errors import ConfigError
 from critloop.graphs.batch import FieldMap, ResultsFile, load_problems, run_batch
-from critloop.graphs.budget import Budget
 from critloop.graphs.refine import RefineContext, build_refine_graph
 from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
@@ -59,6 +59,24 @@ def test_bad_records_become_error_records_naming_the_line(tmp_path: Path) -> Non
     assert errors["a@line5"] == "mixed.jsonl line 5: duplicate id 'a'"
     assert errors["mixed:6"] == "mixed.jsonl line 6: a JSON list, not an object"
     assert all(r["stop_reason"] == "error" and r["correct_final"] is False for r in bad)
+
+
+def test_a_problem_field_there_but_empty_is_named_empty_not_missing(tmp_path: Path) -> None:
+    data = tmp_path / "blank.jsonl"
+    data.write_text('{"id": "a", "problem": ""}\n{"id": "b", "question": null}\n{"id": "c", "prompt": ""}\n')
+    problems, bad = load_problems(data)
+    assert problems == []
+    assert {r["id"]: r["error"] for r in bad} == {
+        "a": "blank.jsonl line 1: the problem is empty",
+        "b": "blank.jsonl line 2: the problem is empty",
+        "c": "blank.jsonl line 3: no 'problem or question' field",
+    }
+    _, bad = load_problems(data, fields=FieldMap(problem="prompt"))
+    assert {r["id"]: r["error"] for r in bad} == {
+        "a": "blank.jsonl line 1: no 'prompt' field",
+        "b": "blank.jsonl line 2: no 'prompt' field",
+        "c": "blank.jsonl line 3: the problem is empty",
+    }
 
 
 def test_csv_json_field_maps_limit_and_shuffle(tmp_path: Path) -> None:

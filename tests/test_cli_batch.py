@@ -1,5 +1,6 @@
 """``critloop batch``, ``bon`` and ``report`` as subprocesses against a real HTTP server, a crash
-(SIGKILL) and ``--resume``, and an end-to-end batch on the embedded model."""
+(SIGKILL) and ``--resume``, and an end-to-end batch on the embedded model; ``models complete``
+against the same server."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from model_fixtures import TOKENIZER_DIR
-from openai_script import policy_and_critic
-from scripted_server import ScriptedServer
+from openai_script import completion, policy_and_critic
+from scripted_server import Recorded, Reply, ScriptedServer
 from typer.testing import CliRunner
 
 from critloop.cli import app
@@ -162,3 +163,29 @@ def test_a_batch_on_the_embedded_model_with_the_docker_sandbox(tmp_path: Path) -
         assert isinstance(record["correct_initial"], bool) and isinstance(record["correct_final"], bool)
         assert record["usage"]["critic"]["calls"] >= 1 and len(record["rounds"]) <= 1
     assert (tmp_path / "results.report.md").is_file()
+
+
+def test_models_complete_sends_the_flags_to_the_endpoint_of_the_role_asked(tmp_path: Path) -> None:
+    def reply(request: Recorded) -> Reply:
+        return Reply(200, completion("4", None, json.loads(request.body)["prompt"]))
+
+    runner = CliRunner()
+    config = tmp_path / "critloop.toml"
+    with ScriptedServer(default=reply) as server:
+        endpoint = f'kind = "openai"\nbase_url = "{server.url}/v1"\ntokenizer = "{TOKENIZER_DIR}"\n'
+        args = ["models", "complete", "2 + 2 =", "--config", str(config), "--role", "refiner"]
+        # With a [refiner] table the refiner has its own endpoint: the flags set that one.
+        config.write_text(f'[policy]\n{endpoint}model = "p"\n[refiner]\n{endpoint}model = "r"\n')
+        done = runner.invoke(app, [*args, "--model", "chosen"])
+        assert done.exit_code == 0, done.output
+        assert done.stdout == "4\n"
+        assert json.loads(server.requests[-1].body)["model"] == "chosen"
+        # Without one the refiner is the policy's endpoint, which the flags set then.
+        config.write_text(f'[policy]\n{endpoint}model = "p"\n')
+        done = runner.invoke(app, [*args, "--model", "also chosen"])
+        assert done.exit_code == 0, done.output
+        assert json.loads(server.requests[-1].body)["model"] == "also chosen"
+        requests = len(server.requests)
+        wrong = runner.invoke(app, [*args[:-1], "judge"])
+    assert wrong.exit_code == 2 and "--role must be policy, critic or refiner, not 'judge'" in wrong.stderr
+    assert len(server.requests) == requests

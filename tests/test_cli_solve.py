@@ -16,13 +16,13 @@ from conftest import docker_problem
 from critic_script import DECISIONS
 from typer.testing import CliRunner
 
+from critloop.agent.budget import StopReason
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.critic_protocol import FORCED_JUDGEMENT, OUTPUT_PREFIX
 from critloop.agent.writer import Written
 from critloop.cli import app
 from critloop.config import CritloopConfig
-from critloop.errors import CritloopError, ModelEndpointError
-from critloop.graphs.budget import StopReason
+from critloop.errors import ConfigError, CritloopError, ModelEndpointError, SandboxUnavailableError
 from critloop.solver import Solver
 from critloop.tools.chat_template import ChatMessage, ChatTemplate
 from critloop.tools.completion import SamplingParams
@@ -62,6 +62,13 @@ def invoke(*args: str) -> Any:
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_version_prints_the_version() -> None:
+    from critloop import __version__
+
+    done = runner.invoke(app, ["--version"])
+    assert done.exit_code == 0 and done.stdout.strip() == __version__
 
 
 def test_an_empty_problem_exits_2_without_a_traceback() -> None:
@@ -126,7 +133,7 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
     ("flag", "value", "message"),
     [
         ("--mode", "rewrite", "--mode must be step or full"),
-        ("--sandbox", "podman", "--sandbox must be docker, local or auto"),
+        ("--sandbox", "podman", "--sandbox must be auto, docker or local"),
         ("--critic-profile", "genius", "critic.profile"),
     ],
 )
@@ -134,6 +141,25 @@ def test_bad_flag_values_exit_2(flag: str, value: str, message: str) -> None:
     done = invoke(PROBLEM, flag, value)
     assert done.exit_code == 2
     assert message in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (ConfigError("critic.model: no such model"), 2, "error: critic.model: no such model"),
+        (SandboxUnavailableError("no Docker engine answers"), 1, "error: no Docker engine answers"),
+        (KeyboardInterrupt(), 130, ""),
+    ],
+)
+def test_errors_map_to_exit_codes_in_one_place(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int, message: str
+) -> None:
+    def fail(cls: type[Solver], config: Any = None, **_: Any) -> Solver:
+        raise error
+
+    monkeypatch.setattr(Solver, "from_config", classmethod(fail))
+    done = invoke(PROBLEM)
+    assert (done.exit_code, done.stderr.strip()) == (code, message)
 
 
 def test_flags_override_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

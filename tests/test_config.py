@@ -8,7 +8,7 @@ import pytest
 
 from critloop.config import CritloopConfig, load_config
 from critloop.errors import ConfigError
-from critloop.tools.endpoint import EndpointConfig, build_completion_model
+from critloop.tools.endpoint import EndpointConfig, build_completion_model, build_completion_models
 from critloop.tools.local_engine import TransformersEngine
 from critloop.tools.openai_client import OpenAICompletionModel
 
@@ -100,7 +100,12 @@ async def test_endpoints_build_their_models() -> None:
     )
     assert isinstance(remote, OpenAICompletionModel)
     await remote.aclose()
-    first = build_completion_model(EndpointConfig(kind="embedded"))
-    second = build_completion_model(EndpointConfig(kind="local", model="smollm2-135m-instruct"))
+    first, second, other = build_completion_models(
+        EndpointConfig(kind="embedded"),
+        EndpointConfig(kind="local", model="smollm2-135m-instruct"),
+        EndpointConfig(kind="local", model="smollm2-135m-instruct", dtype="bfloat16"),
+    )
     assert isinstance(first, TransformersEngine)
-    assert first is second  # one engine per model: roles batch together
+    assert first is second  # one engine per model, device and dtype: roles batch together
+    assert other is not first
+    assert build_completion_model(EndpointConfig(kind="embedded")) is not first  # no global cache

@@ -8,13 +8,20 @@ import math
 import pytest
 from critic_script import DECISIONS, Plan, paragraph, scripted_genprm
 
+from critloop.agent.budget import Budget, UsageMeter
 from critloop.agent.critic import CriticConfig, GenPRMCritic
-from critloop.agent.critic_protocol import ANALYZE_PREFIX, FORCED_JUDGEMENT, VERIFY_PREFIX
+from critloop.agent.critic_protocol import (
+    ANALYZE_PREFIX,
+    ANALYZE_STOP,
+    FORCED_JUDGEMENT,
+    OUTPUT_STOP,
+    VERIFY_PREFIX,
+)
 from critloop.agent.verdict import segment_after
-from critloop.errors import ModelEndpointError
-from critloop.sandbox import SandboxPool
+from critloop.errors import BudgetExceededError, ModelEndpointError
+from critloop.sandbox import SandboxPool, Session
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.completion import SamplingParams
+from critloop.tools.completion import CompletionResult, ModelUsage, SamplingParams
 from critloop.tools.fakes import ScriptedCompletionModel, scripted_tokens
 
 PROBLEM = "What is 2 + 3 * 4?"
@@ -211,6 +218,81 @@ async def test_the_token_limit_forces_the_judgement(template: ChatTemplate, loca
     for prompt, params in model.calls[1:2]:
         so_far = len(template.tokenizer(prompt[len(base) :], add_special_tokens=False)["input_ids"])
         assert params.max_tokens is not None and abs((300 - so_far) - params.max_tokens) <= 3
+
+
+async def test_a_session_no_code_used_is_closed_when_the_critique_returns(
+    template: ChatTemplate, local_pool: SandboxPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session opens in the background while the analysis is written; here the token limit
+    # ends the critique before any code runs, and the open is still under way when it does.
+    opened: list[Session] = []
+    open_session = local_pool.open_session
+
+    async def recording_open() -> Session:
+        session = await open_session()
+        opened.append(session)
+        return session
+
+    monkeypatch.setattr(local_pool, "open_session", recording_open)
+    model = scripted_genprm({1: Plan(code=["x = 1\n" * 200])}, count_tokens=template.count_tokens)
+    report = await critic(model, template, local_pool, max_critique_tokens=300).critique(PROBLEM, STEPS[:1])
+    assert report.step_reports[0].chains[0].code_runs == ()
+    assert len(opened) == 1 and opened[0].closed
+    assert local_pool.status().sessions == 0
+    await local_pool.settle()
+
+
+class OverlappingModel:
+    """A scripted model whose calls overlap as a server's do: each answers only after the event
+    loop has turned, so the chains of a step all make their call before any of them is charged."""
+
+    def __init__(self, inner: ScriptedCompletionModel) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def complete(self, prompt: str, params: SamplingParams) -> CompletionResult:
+        await asyncio.sleep(0)
+        return await self.inner.complete(prompt, params)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_spent_budget_stops_the_critique_one_call_per_chain_past_it(template: ChatTemplate) -> None:
+    analysis = len(scripted_tokens(f"{Plan().analysis}\n{ANALYZE_STOP}"))
+    judgement = len(scripted_tokens("{Yes}$\n" + OUTPUT_STOP))
+    model = scripted_genprm({})
+    # Enough for the four analyses of step 1, not for their judgements as well.
+    meter = UsageMeter(Budget(max_tokens=4 * analysis + 1))
+    with pytest.raises(BudgetExceededError, match="token budget is spent"):
+        await critic(OverlappingModel(model), template, None, samples=4).critique(PROBLEM, STEPS, meter=meter)
+    # The four judgements were under way when the limit was reached (one call per chain past
+    # it); the first chain to critique step 2 found the budget spent, and the others were cancelled.
+    assert {paragraph(p) for p, _ in model.calls} == {1}
+    charged = meter.usage.critic
+    assert charged.calls == len(model.calls) == 8
+    assert charged.completion_tokens == 4 * (analysis + judgement)
+    assert charged.completion_tokens - meter.budget.max_tokens == 4 * judgement - 1
+
+
+async def test_the_meter_is_charged_what_the_report_counts(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    # Every stage's calls: analyses, verify rounds, judgements, and a forced judgement (step 2).
+    model = scripted_genprm({2: Plan(code=["print(1)"] * 5)})
+    meter = UsageMeter(Budget())
+    report = await critic(model, template, local_pool, samples=2).critique(
+        PROBLEM, STEPS, scan="all", meter=meter
+    )
+    assert [c.forced for c in report.step_reports[1].chains] == [True, True]
+    charged = meter.usage.critic
+    assert charged.calls == len(model.calls)
+    assert (charged.calls, charged.prompt_tokens, charged.completion_tokens) == (
+        report.usage.calls,
+        report.usage.prompt_tokens,
+        report.usage.completion_tokens,
+    )
+    assert meter.usage.policy == meter.usage.refiner == ModelUsage()
 
 
 async def test_without_logprobs_the_reward_is_a_hard_label(

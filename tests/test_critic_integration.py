@@ -27,6 +27,11 @@ def shortest_records(n: int) -> list[dict]:
     return sorted(records, key=lambda r: (len(r["steps"]), r["id"]))[:n]
 
 
+def run_cli(args: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``critloop ARGS`` in a subprocess, its output captured (the caller checks the exit code)."""
+    return subprocess.run([CRITLOOP, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.mark.docker
 @pytest.mark.model
 def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) -> None:
@@ -41,13 +46,8 @@ def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) 
     )
     out = tmp_path / "out.jsonl"
     args = ["eval", "processbench", "--split", "gsm8k", "--data", str(data), "--config", str(config)]
-    done = subprocess.run(
-        [CRITLOOP, *args, "--limit", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    args += ["--limit", "2", "--out", str(out)]
+    done = run_cli(args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-2].startswith("F1 gsm8k: ") and lines[-1].startswith("F1 average: ")
@@ -66,13 +66,7 @@ def test_eval_processbench_cli_on_the_embedded_model_and_docker(tmp_path: Path) 
             assert len(chains) == 2
             assert all(c["text"].startswith(ANALYZE_PREFIX.format(k=step + 1)) for c in chains)
     # Resuming a finished run runs nothing and prints the same summary.
-    again = subprocess.run(
-        [CRITLOOP, *args, "--limit", "2", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    again = run_cli(args, timeout=300)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == lines[-1]
     assert len(out.read_text().splitlines()) == 2
 

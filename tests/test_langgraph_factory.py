@@ -15,7 +15,7 @@ from critloop import Budget, CompletionWriter, Policy, Refiner, Solver, StopReas
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.config import CritloopConfig
 from critloop.errors import CritloopError
-from critloop.graphs.refine import RefineContext, build_refine_graph, release_runs
+from critloop.graphs.refine import ContextFactory, RefineContext, build_refine_graph
 from critloop.sandbox import SandboxPool
 from critloop.solver import make_graph
 from critloop.tools.chat_template import ChatTemplate
@@ -68,10 +68,9 @@ async def test_the_factory_graph_runs_through_langgraph_with_a_context(
     graph = make_graph()
     assert graph.checkpointer is None
     context, policy_model, critic_model = scripted_context(template, local_pool)
-    try:
-        state = await graph.ainvoke({"problem": PROBLEM}, context=context)
-    finally:
-        release_runs(context)
+    state = await graph.ainvoke({"problem": PROBLEM}, context=context)
+    await local_pool.settle()
+    assert local_pool.status().sessions == 0  # every critic node closed what it opened
     assert state["stop_reason"] == "all_steps_pass" and state["error"] is None
     assert state["stop_reason"] in get_args(StopReason)
     assert state["initial_steps"] == BAD and state["final_steps"] == GOOD
@@ -88,17 +87,16 @@ async def test_the_factory_graph_streams_custom_events_and_values(
     context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=0))
     custom: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
-    try:
-        async for mode, chunk in graph.astream(
-            {"problem": PROBLEM}, context=context, stream_mode=["custom", "values"]
-        ):
-            if mode == "custom":
-                custom.append(chunk)
-            else:
-                last = chunk
-    finally:
-        release_runs(context)
-    assert [(e["event"], e["index"], e["flagged"]) for e in custom] == [
+    async for mode, chunk in graph.astream(
+        {"problem": PROBLEM}, context=context, stream_mode=["custom", "values"]
+    ):
+        if mode == "custom":
+            custom.append(chunk)
+        else:
+            last = chunk
+    # The JSON form of the typed events (critloop.graphs.events), as LangGraph streams them.
+    assert custom[0] == {"event": "solution", "steps": BAD, "round": 0}
+    assert [(e["event"], e["index"], e["flagged"]) for e in custom[1:]] == [
         ("step", 0, False),
         ("step", 1, True),
     ]
@@ -111,28 +109,32 @@ async def test_a_graph_with_no_default_context_refuses_a_run_without_one() -> No
         await build_refine_graph().ainvoke({"problem": PROBLEM})
 
 
-async def test_runs_without_a_context_use_the_default_context_built_once(
-    template: ChatTemplate, local_pool: SandboxPool
-) -> None:
+def counted_default_context(
+    template: ChatTemplate, pool: SandboxPool, budget: Budget
+) -> tuple[list[RefineContext], ContextFactory]:
+    """A default-context factory on scripted roles, and the list of the contexts it built."""
     built: list[RefineContext] = []
 
     async def default_context() -> RefineContext:
-        context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=1))
+        context, _, _ = scripted_context(template, pool, budget=budget)
         built.append(context)
         return context
 
+    return built, default_context
+
+
+async def test_runs_without_a_context_use_the_default_context_built_once(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    built, default_context = counted_default_context(template, local_pool, Budget(max_rounds=1))
     graph = build_refine_graph(default_context=default_context)
     assert graph.checkpointer is None
-    try:
-        first = await graph.ainvoke({"problem": PROBLEM})
-        second = await graph.ainvoke({"problem": "What is 1 + 1?"})
-        # A partial context keeps its own budget and takes the missing roles from the default.
-        partial = await graph.ainvoke(
-            {"problem": PROBLEM}, context=RefineContext(budget=Budget(max_rounds=0))
-        )
-    finally:
-        for context in built:
-            release_runs(context)
+    first = await graph.ainvoke({"problem": PROBLEM})
+    second = await graph.ainvoke({"problem": "What is 1 + 1?"})
+    # A partial context keeps its own budget and takes the missing roles from the default.
+    partial = await graph.ainvoke({"problem": PROBLEM}, context=RefineContext(budget=Budget(max_rounds=0)))
+    await local_pool.settle()
+    assert local_pool.status().sessions == 0  # runs without live objects leave no session open
     assert len(built) == 1
     assert first["stop_reason"] == "all_steps_pass"
     assert first["final_steps"] == GOOD and first["answer"] == "14"
@@ -204,17 +206,9 @@ async def test_the_default_context_path_makes_no_blocking_call(
 async def test_an_empty_context_as_the_server_passes_keeps_the_default_budget(
     template: ChatTemplate, local_pool: SandboxPool
 ) -> None:
-    built: list[RefineContext] = []
-
-    async def default_context() -> RefineContext:
-        context, _, _ = scripted_context(template, local_pool, budget=Budget(max_rounds=0))
-        built.append(context)
-        return context
-
+    _, default_context = counted_default_context(template, local_pool, Budget(max_rounds=0))
     graph = build_refine_graph(default_context=default_context)
-    try:
-        state = await graph.ainvoke({"problem": PROBLEM}, context={})
-    finally:
-        for context in built:
-            release_runs(context)
+    state = await graph.ainvoke({"problem": PROBLEM}, context={})
+    await local_pool.settle()
+    assert local_pool.status().sessions == 0
     assert state["stop_reason"] == "max_rounds" and state["rounds"] == []

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 from critic_script import Plan, paragraph, scripted_genprm
+from model_fixtures import TOKENIZER_DIR
+from openai_script import policy_and_critic
+from scripted_server import ScriptedServer
+from typer.testing import CliRunner
 
 from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.cli import app
 from critloop.errors import ConfigError
 from critloop.graphs.processbench import (
     ProcessBenchRecord,
@@ -24,6 +29,17 @@ from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
 
 DATA = Path(__file__).parent / "data" / "processbench"  # see data/SOURCES.md
+
+
+def scripted_config(tmp_path: Path, url: str) -> Path:
+    """A GenPRM critic on a scripted server (one chain), and the local sandbox."""
+    config = tmp_path / "critloop.toml"
+    config.write_text(
+        f'[critic]\nkind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\n'
+        f'tokenizer = "{TOKENIZER_DIR}"\nprofile = "genprm"\nsamples = 1\n'
+        '[sandbox]\nbackend = "local"\npool_size = 1\n'
+    )
+    return config
 
 
 def test_metric_on_hand_made_predictions() -> None:
@@ -112,6 +128,93 @@ async def test_runner_predicts_writes_and_resumes(
     assert len(lines[1]["step_rewards"]) == 2 and len(lines[1]["critiques"]) == 2
     assert metrics(read_results(out))[0].f1 == 100.0
     assert await evaluate_processbench(critic, records, out) == []  # everything done: nothing to run
+
+
+async def test_a_resume_after_a_crash_keeps_every_record(
+    template: ChatTemplate, local_pool: SandboxPool, tmp_path: Path
+) -> None:
+    """A line torn by a crash is cut before the run appends: the record written next is whole,
+    and the torn one runs again."""
+    critic = GenPRMCritic(scripted_genprm({}), template, local_pool, CriticConfig())
+    records = [
+        ProcessBenchRecord(id=f"r{i}", split="gsm8k", problem=f"P{i}", steps=("a", "b"), label=-1)
+        for i in range(4)
+    ]
+    out = tmp_path / "pb.jsonl"
+    await evaluate_processbench(critic, records[:2], out)
+    finished = out.read_bytes()
+    out.write_bytes(finished + b'{"id": "r2", "split": "gsm8k", "label": -1, "predic')  # the crash
+    again = await evaluate_processbench(critic, records, out, concurrency=1)
+    assert sorted(r["id"] for r in again) == ["r2", "r3"]
+    assert out.read_bytes().startswith(finished)
+    assert sorted(r["id"] for r in read_results(out)) == ["r0", "r1", "r2", "r3"]
+    assert all(line.endswith(b"\n") for line in out.read_bytes().splitlines(keepends=True))
+
+
+def test_records_name_their_split_by_their_field_else_by_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "sample.jsonl"
+    rows = [
+        {"id": "a", "problem": "p", "steps": ["s"], "label": -1, "split": "math"},
+        {"id": "b", "problem": "p", "steps": ["s"], "label": 0},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert [(r.id, r.split) for r in load_processbench(path)] == [("a", "math"), ("b", "sample")]
+    assert [r.split for r in load_processbench(path, "gsm8k")] == ["gsm8k", "gsm8k"]
+
+
+def test_eval_of_a_data_file_not_named_after_a_split(tmp_path: Path) -> None:
+    """`--data FILE` with `--split all` (the default) evaluates the file: its records' splits are
+    their `split` field, else the file's stem; `--split` keeps one of them."""
+    data = tmp_path / "my_sample.jsonl"
+    rows = [
+        {"id": "a", "problem": "What is 2 + 3 * 4?", "steps": ["3 * 4 = 12.", "2 + 12 = 14."], "label": -1},
+        {"id": "b", "problem": "What is 2 + 2?", "steps": ["2 + 2 = 4."], "label": -1, "split": "math"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "pb.jsonl"
+    with ScriptedServer(default=policy_and_critic()) as server:
+        config = scripted_config(tmp_path, server.url)
+        done = CliRunner().invoke(
+            app, ["eval", "processbench", "--data", str(data), "--config", str(config), "--out", str(out)]
+        )
+        assert done.exit_code == 0, done.output
+        assert sorted((r["split"], r["id"], r["prediction"]) for r in read_results(out)) == [
+            ("math", "b", -1),
+            ("my_sample", "a", -1),
+        ]
+        assert "F1 my_sample: 0.0" in done.stdout and "F1 math: 0.0" in done.stdout  # no erroneous sample
+        one = CliRunner().invoke(
+            app,
+            [
+                "eval",
+                "processbench",
+                "--data",
+                str(data),
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--split",
+                "math",
+            ],
+        )
+    assert one.exit_code == 0, one.output
+    assert "F1 math" in one.stdout and "my_sample" not in one.stdout
+
+
+def test_eval_of_missing_data_says_it_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "does_not_exist.json"
+    done = CliRunner().invoke(app, ["eval", "processbench", "--data", str(missing)])
+    assert done.exit_code == 2
+    assert f"--data {missing}: no such file or folder" in done.stderr
+    assert "gsm8k.json" not in done.stderr
+
+
+@pytest.mark.parametrize("option", [["--n", "0"], ["--n", "65"], ["--limit", "0"], ["--concurrency", "0"]])
+def test_eval_refuses_counts_out_of_range(tmp_path: Path, option: list[str]) -> None:
+    done = CliRunner().invoke(app, ["eval", "processbench", "--data", str(tmp_path), *option])
+    assert done.exit_code == 2
+    assert f"Invalid value for '{option[0]}'" in done.stderr
 
 
 def test_eval_without_data_and_without_a_hub_says_to_pass_data(tmp_path: Path) -> None:

@@ -12,7 +12,19 @@ from langchain_core.language_models import FakeListChatModel
 from model_fixtures import TOKENIZER_DIR
 from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
 
-from critloop import Budget, CompletionWriter, Solver, extract_answer, join_steps, split_steps
+from critloop import (
+    Budget,
+    CompletionWriter,
+    DoneEvent,
+    RefinedEvent,
+    RefiningEvent,
+    SolutionEvent,
+    Solver,
+    StepEvent,
+    extract_answer,
+    join_steps,
+    split_steps,
+)
 from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.errors import ModelEndpointError
 from critloop.sandbox import SandboxPool
@@ -98,7 +110,8 @@ async def test_an_error_at_step_k_is_fixed_in_one_round_reusing_the_prefix(
 ) -> None:
     policy, critic = policy_script(), critic_by_content(wrong_15)
     events = [e async for e in solver(template, local_pool, policy, critic).astream(PROBLEM)]
-    result = events[-1]["result"]
+    assert isinstance(events[-1], DoneEvent)
+    result = events[-1].result
     assert result.stop_reason == "all_steps_pass"
     assert result.initial_steps == BAD and result.final_steps == GOOD and result.answer == "14"
     (record,) = result.rounds
@@ -111,15 +124,17 @@ async def test_an_error_at_step_k_is_fixed_in_one_round_reusing_the_prefix(
     # The policy continued after the rewritten step from the kept prefix, as a true continuation.
     continuation_prompt = policy.calls[-1][0]
     assert continuation_prompt.endswith("First, 3 * 4 = 12.\n\nThen 2 + 12 = 14.\n\n")
-    kinds = [e["event"] for e in events]
-    assert kinds[0] == "solution" and kinds[-1] == "done"
-    assert kinds.index("refining") < kinds.index("refined")
-    steps = [e for e in events if e["event"] == "step"]
-    assert [(e["index"], e["verdict"], e["flagged"]) for e in steps] == [
-        (0, "yes", False),
-        (1, "no", True),
-        (1, "yes", False),
-        (2, "yes", False),
+    kinds = [type(e) for e in events]
+    assert kinds[0] is SolutionEvent and kinds[-1] is DoneEvent
+    assert kinds.index(RefiningEvent) < kinds.index(RefinedEvent)
+    assert [(e.round, e.steps) for e in events if isinstance(e, SolutionEvent)] == [(0, BAD), (1, GOOD)]
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    assert [(e.index, e.verdict, e.flagged, e.reused) for e in steps] == [
+        (0, "yes", False, False),
+        (1, "no", True, False),
+        (0, "yes", False, True),  # the unchanged prefix of the new solution, not critiqued again
+        (1, "yes", False, False),
+        (2, "yes", False, False),
     ]
     assert result.usage.refiner.calls == 1 and result.usage.policy.calls == 2
 
@@ -358,5 +373,5 @@ def test_a_solver_from_config_solves_again_after_solve_closed_it(template) -> No
     assert runner.solve(PROBLEM).stop_reason == "all_steps_pass"
     assert first_pool is not None and first_pool.closed
     assert runner.solve(PROBLEM).stop_reason == "all_steps_pass"
-    assert runner.critic.sandbox is not first_pool and runner.critic.sandbox is not None
-    assert runner.critic.sandbox.closed
+    # One pool, owned by the solver, started again by the second run: no attribute replaced.
+    assert runner.critic.sandbox is first_pool and first_pool.closed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from critloop import Budget, Solver, SolveResult
+from critloop import Budget, DoneEvent, Solver, SolveResult
 from critloop.config import load_config
 from critloop.sandbox import SandboxPool
 from critloop.tools.embedded import CachedModel
@@ -47,9 +47,9 @@ async def test_the_loop_on_the_embedded_model_with_the_docker_sandbox(embedded: 
         pool = solver.critic.sandbox
         assert isinstance(pool, SandboxPool) and pool.status().backend == "docker"
         assert pool.status().sessions == 0
-    result = events[-1]["result"]
-    assert_structure(result)
-    kinds = {event["event"] for event in events}
+    assert isinstance(events[-1], DoneEvent)
+    assert_structure(events[-1].result)
+    kinds = {event.type for event in events}
     assert {"solution", "step", "done"} <= kinds
 
 

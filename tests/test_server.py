@@ -18,6 +18,7 @@ from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_sc
 
 from critloop import Budget, CompletionWriter, Solver, join_steps
 from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.graphs.events import parse_event
 from critloop.sandbox import SandboxPool
 from critloop.server import ServerSettings, create_app
 from critloop.tools.chat_template import ChatTemplate
@@ -89,11 +90,17 @@ async def test_a_streamed_answer_sends_progress_then_the_solution(
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert "Step 2: no (reward" in progress and "Rewriting step 2 (round 1)" in progress
     assert progress.index("Step 2: no") < progress.index("Rewriting step 2")
+    # After the rewrite, the unchanged step 1 is reported as such, then the new steps.
+    after = progress[progress.index("Rewrote step 2") :]
+    assert after.index("Step 1: unchanged (yes, reward") < after.index("Step 2: yes (reward")
     assert content == join_steps(GOOD)
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].model_extra["critloop"]["stop_reason"] == "all_steps_pass"  # type: ignore[index]
-    events = [c.model_extra["critloop"]["event"] for c in chunks[1:-2]]  # type: ignore[index]
-    assert events[0] == "solution" and "refining" in events and "step" in events
+    events = [c.model_extra["critloop"] for c in chunks[1:-2]]  # type: ignore[index]
+    assert [e["event"] for e in events][:2] == ["solution", "step"] and events[0]["round"] == 0
+    assert {"refining", "refined"} <= {e["event"] for e in events}
+    # Each progress chunk carries the event's JSON form, exactly as parse_event reads it back.
+    assert [parse_event(e).to_json() for e in events] == events
 
 
 async def test_models_health_and_metrics(template: ChatTemplate, local_pool: SandboxPool) -> None:
@@ -143,6 +150,7 @@ def _body(**fields: Any) -> bytes:
         (_body(messages=USER * 65), 400, "at most 64 messages"),
         (_body(messages=[{"role": "wizard", "content": "x"}]), 400, "role"),
         (_body(messages=USER, critloop={"budget": {"max_rounds": -1}}), 400, "max_rounds"),
+        (_body(messages=USER, critloop={"budget": {"samples": 100}}), 400, "samples"),
         (_body(messages=[{"role": "user", "content": "x" * 300_000}]), 413, "larger than"),
     ],
 )

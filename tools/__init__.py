@@ -12,7 +12,12 @@ from critloop.tools.completion import (
     TopLogprob,
 )
 from critloop.tools.embedded import DEFAULT_EMBEDDED_MODEL, CachedModel, fetch_model, list_models
-from critloop.tools.endpoint import EndpointConfig, EndpointKind, build_completion_model
+from critloop.tools.endpoint import (
+    EndpointConfig,
+    EndpointKind,
+    build_completion_model,
+    build_completion_models,
+)
 from critloop.tools.local_engine import TransformersEngine
 from critloop.tools.openai_client import OpenAICompletionModel
 from critloop.tools.python_sandbox import PythonSandboxTool
@@ -35,6 +40,7 @@ __all__ = [
     "TopLogprob",
     "TransformersEngine",
     "build_completion_model",
+    "build_completion_models",
     "fetch_model",
     "list_models",
     "load_tokenizer",

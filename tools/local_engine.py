@@ -197,12 +197,19 @@ class TransformersEngine:
                     request.future.set_result(result)
 
     async def aclose(self) -> None:
+        """Stop serving in this event loop. The weights stay loaded: a later call, in this loop
+        or another, serves again at once (drop the engine to free them)."""
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                 await self._worker
         self._worker = None
-        self._model = None
+
+    async def __aenter__(self) -> TransformersEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # ------------------------------------------------------------------ generation
 

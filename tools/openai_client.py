@@ -36,7 +36,7 @@ _RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class _Retryable(Exception):
-    """A failure worth another try (connection trouble, 429, 5xx)."""
+    """A failure worth another try (connection trouble, 408, 409, 429, 500, 502, 503, 504)."""
 
     def __init__(self, description: str, retry_after: float | None = None) -> None:
         super().__init__(description)
@@ -55,8 +55,8 @@ class OpenAICompletionModel:
         model: the model name the server knows.
         api_key: sent as a bearer token when given.
         timeout_seconds: limit of one HTTP request (connect, send, and the whole answer).
-        max_attempts: tries per request; connection errors, 429 and 5xx are retried with
-            exponential backoff and jitter (a server's Retry-After is honoured, capped).
+        max_attempts: tries per request; connection errors, 408, 409, 429, 500, 502, 503 and 504
+            are retried with exponential backoff and jitter (a server's Retry-After is honoured, capped).
         backoff_seconds: first backoff; it doubles per attempt up to ``max_backoff_seconds``.
         extra_body: more JSON fields for every request (server-specific options).
     """

@@ -1,0 +1,240 @@
+"""One chain's critique of one step, written stage by stage as the GenPRM protocol reads.
+
+The critique opens with the analysis (``<analyze>``). With code verification, verify rounds follow
+(``<verify>``): the critic writes Python, the chain's sandbox session runs it, and its output is
+fed back after ``[Code Output]``, until the critic writes its judgement (``<output>``). Without
+code verification the judgement follows the analysis directly. When the limits are hit or no
+judgement was written, the judgement is forced from the analysis alone.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from critloop.agent.critic_protocol import (
+    ANALYZE_PREFIX,
+    ANALYZE_STOP,
+    CODE_ERROR,
+    CODE_FENCE_STOP,
+    CODE_MISSING,
+    CODE_OUTPUT,
+    CODE_TIMEOUT,
+    FORCED_JUDGEMENT,
+    OUTPUT_PREFIX,
+    OUTPUT_STOP,
+    VERIFY_PREFIX,
+    conversation,
+)
+from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
+from critloop.tools.completion import Completion, ModelUsage
+
+if TYPE_CHECKING:
+    from critloop.agent._chain import Chain
+    from critloop.agent.budget import UsageMeter
+    from critloop.agent.critic import GenPRMCritic
+
+__all__ = ["ChainCritique", "CodeRun", "StepCritique"]
+
+_CODE_BLOCK = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
+
+
+class CodeRun(BaseModel):
+    """One code block the critic wrote and what running it gave."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    output: str
+    """What the critic was shown after ``[Code Output]``."""
+    status: str
+    """The sandbox status (``ok``, ``error``, ``timeout``, ``killed``) or ``missing``."""
+
+
+class ChainCritique(BaseModel):
+    """One chain's critique of one step."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    verdict: Verdict
+    reward: float
+    reward_source: RewardSource
+    forced: bool
+    """The limits were hit and the judgement was forced from the analysis alone."""
+    code_runs: tuple[CodeRun, ...] = ()
+    usage: ModelUsage = ModelUsage()
+
+
+class StepCritique:
+    """One chain's critique of one step as it is written: the prompt, the critique so far, the
+    generated segments (for the reward's logprobs), its running token count and its usage.
+
+    Run the stages in the protocol's order: :meth:`analyze`; then, if the analysis closed,
+    :meth:`verify` when :attr:`verifies`, else :meth:`judge`; then :meth:`force_judgement`
+    unless :attr:`judged`. :meth:`result` is the chain's :class:`ChainCritique`.
+
+    Args:
+        critic: the critic whose model, template and options write the critique.
+        problem: the problem.
+        steps: the solution's steps; the step critiqued is the first one the chain has not.
+        chain: the chain: its earlier critiques (the conversation so far) and its sandbox.
+        meter: checked before every model call and charged after it; None: no budget.
+    """
+
+    def __init__(
+        self,
+        critic: GenPRMCritic,
+        problem: str,
+        steps: Sequence[str],
+        chain: Chain,
+        *,
+        meter: UsageMeter | None = None,
+    ) -> None:
+        self._started = time.perf_counter()
+        self._critic = critic
+        self._config = critic.config
+        self._chain = chain
+        self._meter = meter
+        self.paragraph = len(chain.critiques) + 1
+        """The step's number in the protocol (1-based)."""
+        self.prompt = critic.template.render(
+            conversation(
+                problem,
+                steps,
+                [c.text for c in chain.critiques],
+                profile=self._config.profile,
+                first_step_format=self._config.first_step_format,
+            )
+        )
+        self.text = ""
+        """The critique so far (the model continues ``prompt + text``)."""
+        self.segments: list[Segment] = []
+        self.tokens = 0
+        """Tokens of the critique so far: a running sum of the model's own counts and ours of
+        the text the protocol inserts, rather than re-tokenizing the growing text."""
+        self.usage = ModelUsage()
+        self.analysis = ""
+        self.code_runs: list[CodeRun] = []
+        self.judged = False
+        """The critique holds its judgement (no forced judgement needed)."""
+        self.forced = False
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the critique verifies with code (code rounds allowed, and a sandbox)."""
+        return self._config.code_rounds > 0 and self._chain.has_sandbox
+
+    async def analyze(self) -> bool:
+        """The ``<analyze>`` stage. Returns whether the analysis closed (if not, only a forced
+        judgement can follow)."""
+        self._insert(ANALYZE_PREFIX.format(k=self.paragraph))
+        left = self._config.max_critique_tokens - self.tokens
+        # The analysis ends before any judgement: its tokens' logprobs (often the longest
+        # stretch, with top-k alternatives each) would be parsed only to be dropped.
+        analysis = await self._generate(stop=(ANALYZE_STOP,), max_tokens=max(1, left), logprobs=False)
+        self.analysis = analysis.text
+        return analysis.stop == ANALYZE_STOP
+
+    async def verify(self) -> None:
+        """The ``<verify>`` stage: up to ``code_rounds`` rounds, each generating until a Python
+        fence closes (the code then runs in the chain's session, and its output is fed back
+        after ``[Code Output]``) or the judgement closes."""
+        self._insert(VERIFY_PREFIX)
+        for _round in range(self._config.code_rounds):
+            left = self._config.max_critique_tokens - self.tokens
+            if left <= 0:
+                return
+            written = await self._generate(stop=(CODE_FENCE_STOP, OUTPUT_STOP), max_tokens=left)
+            if written.stop == OUTPUT_STOP:
+                self.judged = True
+                return
+            if written.stop != CODE_FENCE_STOP:
+                # The model ended (end of sequence or length) without closing its judgement.
+                self.judged = written.finish_reason == "stop" and find_verdict(self.text)[0] != "none"
+                return
+            run = await self._run_code()
+            self.code_runs.append(run)
+            self._insert(CODE_OUTPUT.format(output=run.output))
+
+    async def judge(self) -> None:
+        """The ``<output>`` stage straight after the analysis (no code verification)."""
+        # Not counted: no limit of the critique applies past this point.
+        self.text += OUTPUT_PREFIX
+        await self._generate(stop=(OUTPUT_STOP,), max_tokens=self._config.forced_judgement_tokens)
+        self.judged = True
+
+    async def force_judgement(self) -> None:
+        """The fallback when the limits were hit or no judgement was written: the analysis
+        alone, then the judgement (as the reference implementation does)."""
+        self.forced = True
+        self.text = (
+            ANALYZE_PREFIX.format(k=self.paragraph) + self.analysis.split("</analyze>")[0] + FORCED_JUDGEMENT
+        )
+        self.segments = []
+        await self._generate(stop=(OUTPUT_STOP,), max_tokens=self._config.forced_judgement_tokens)
+
+    def result(self) -> ChainCritique:
+        """The critique as written, with its verdict and reward."""
+        verdict, offset = find_verdict(self.text)
+        reward, source = reward_for(
+            verdict, offset, self.segments, yes_ids=self._critic.yes_ids, no_ids=self._critic.no_ids
+        )
+        return ChainCritique(
+            text=self.text,
+            verdict=verdict,
+            reward=reward,
+            reward_source=source,
+            forced=self.forced,
+            code_runs=tuple(self.code_runs),
+            usage=self.usage.model_copy(update={"seconds": time.perf_counter() - self._started}),
+        )
+
+    def _insert(self, piece: str) -> None:
+        """Append text of the protocol (not the model's) to the critique, counting its tokens."""
+        self.tokens += self._critic.template.count_tokens(piece)
+        self.text += piece
+
+    async def _generate(self, *, stop: tuple[str, ...], max_tokens: int, logprobs: bool = True) -> Completion:
+        """One model call continuing the critique; what it wrote is appended to it."""
+        cfg = self._config
+        params = cfg.sampling(
+            logprobs=cfg.logprobs if logprobs else None, include_stop=True, stop=stop, max_tokens=max_tokens
+        )
+        if self._meter is not None:
+            self._meter.before_call()
+        result = await self._critic.model.complete(self.prompt + self.text, params)
+        call = ModelUsage(
+            calls=1, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+        )
+        if self._meter is not None:
+            self._meter.charge("critic", call)
+        self.usage += call
+        written = result.choices[0]
+        self.tokens += written.completion_tokens or self._critic.template.count_tokens(written.text)
+        self.segments.append(segment_after(self.text, written.text, written.tokens))
+        self.text += written.text
+        return written
+
+    async def _run_code(self) -> CodeRun:
+        """Run the critique's last code block in the chain's session."""
+        blocks = _CODE_BLOCK.findall(self.text)
+        if not blocks or not blocks[-1].strip():
+            return CodeRun(code="", output=CODE_MISSING, status="missing")
+        code = blocks[-1].strip()
+        session = await self._chain.before_exec()
+        result = await session.exec(code, timeout=self._config.code_timeout_seconds)
+        output = result.stdout.strip()
+        if result.status == "timeout":
+            output = CODE_TIMEOUT
+        elif result.status != "ok":
+            error = CODE_ERROR.format(error=result.error or result.status)
+            output = f"{output}\n{error}" if output else error
+        limit = self._config.max_code_output_chars
+        if len(output) > limit:
+            output = output[:limit] + f"\n... ({len(output) - limit} more characters not shown)"
+        return CodeRun(code=code, output=output, status=result.status)

@@ -1,0 +1,5 @@
+"""``python -m critloop.cli``."""
+
+from critloop.cli import main
+
+main()

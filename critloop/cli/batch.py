@@ -1,0 +1,237 @@
+"""``critloop batch`` and ``critloop bon``: a method over a dataset, one graded record per
+problem in a resumable results file, then its report.
+
+The options every batch method takes (which problems, which config, resume, concurrency) are
+declared once, as the fields of :class:`BatchOptions`; :func:`batch_method` gives them to a
+command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import gc
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
+
+import typer
+from rich.text import Text
+
+from critloop.cli._common import ConfigOption, choices_help, console, err, load_models, one_of, solver_for
+from critloop.cli.report import print_report
+from critloop.errors import ConfigError
+from critloop.graphs.bon import Aggregation
+
+if TYPE_CHECKING:
+    from critloop.graphs.batch import Problem, RunOptions
+    from critloop.solver import Solver
+
+DataArgument = Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL), one record per problem.")]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Skip the problems already in --out; continue interrupted ones.")
+]
+ConcurrencyOption = Annotated[
+    int, typer.Option("--concurrency", "-c", min=1, help="Problems in flight at once.")
+]
+LimitOption = Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the first N problems.")]
+ShuffleOption = Annotated[bool, typer.Option("--shuffle", help="Shuffle the problems first (with --seed).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed of --shuffle.")]
+FieldOption = Annotated[str | None, typer.Option(help="Record field (default: detected).")]
+SamplesOption = Annotated[
+    int | None, typer.Option("--samples", min=1, help="Critique chains per solution (Maj@N).")
+]
+MaxRoundsOption = Annotated[
+    int | None, typer.Option("--max-rounds", min=0, help="Refinement rounds at most.")
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchOptions:
+    """The options every batch method takes; each field is an option of its command."""
+
+    config: ConfigOption = None
+    resume: ResumeOption = False
+    concurrency: ConcurrencyOption = 8
+    limit: LimitOption = None
+    shuffle: ShuffleOption = False
+    seed: SeedOption = 0
+    problem_field: FieldOption = None
+    answer_field: FieldOption = None
+    id_field: FieldOption = None
+
+
+def batch_method(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the fields of :class:`BatchOptions` as options, where its ``options``
+    parameter stands (so they show there in ``--help``), their defaults taken from that
+    parameter's default; the command is called with them gathered in ``options``."""
+    shared = dataclasses.fields(BatchOptions)
+    hints = get_type_hints(BatchOptions, include_extras=True)  # keeps the typer.Option metadata
+    own = inspect.signature(command, eval_str=True).parameters
+    defaults = own["options"].default
+    parameters = []
+    for parameter in own.values():
+        if parameter.name != "options":
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        parameters.extend(
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=getattr(defaults, field.name),
+                annotation=hints[field.name],
+            )
+            for field in shared
+        )
+
+    @functools.wraps(command)
+    def command_with_options(**values: Any) -> None:
+        options = BatchOptions(**{field.name: values.pop(field.name) for field in shared})
+        command(**values, options=options)
+
+    command_with_options.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return command_with_options
+
+
+_BATCH_DEFAULTS = BatchOptions()
+_BON_DEFAULTS = BatchOptions(concurrency=4)  # each problem has n samples in flight
+
+Method = Callable[["Solver", Sequence["Problem"], "RunOptions"], Awaitable[object]]
+"""A batch method: runs the problems with the solver's roles, writing one record each."""
+
+
+@batch_method
+def batch(
+    data: DataArgument,
+    out: OutOption,
+    options: BatchOptions = _BATCH_DEFAULTS,
+    samples: SamplesOption = None,
+    max_rounds: MaxRoundsOption = None,
+) -> None:
+    """Run the refine loop over a dataset: one graded record per problem, resumable, with a report.
+
+    Each record is appended (and fsynced) as its problem finishes; interrupted problems resume
+    from their checkpoints (``OUT.checkpoints.sqlite``) with ``--resume``. At the end the summary
+    is printed and ``OUT``'s report (Markdown and PNG plots) is written next to it.
+    """
+    from critloop.graphs.batch import open_checkpointer, run_batch
+    from critloop.graphs.refine import build_refine_graph
+
+    async def refine_each(solver: Solver, problems: Sequence[Problem], run: RunOptions) -> None:
+        async with open_checkpointer(out.with_suffix(".checkpoints.sqlite")) as saver:
+            graph = build_refine_graph(checkpointer=saver)
+            await run_batch(graph, solver.context(), problems, out, **run)
+
+    overrides = {"critic.samples": samples, "budget.max_rounds": max_rounds}
+    _run_method(refine_each, data, out, options, overrides)
+    print_report(out, f"refine loop: {data.name}")
+
+
+@batch_method
+def bon(
+    data: DataArgument,
+    out: OutOption,
+    n: Annotated[int, typer.Option("--n", min=1, help="Policy samples per problem.")] = 8,
+    aggregation: Annotated[
+        str, typer.Option(help=f"Solution score from step rewards: {choices_help(Aggregation)}")
+    ] = "min",
+    options: BatchOptions = _BON_DEFAULTS,
+    samples: SamplesOption = None,
+) -> None:
+    """Best-of-N, the baseline: N solutions per problem, the critic's pick, and majority vote.
+
+    Every step of every sample is scored by the critic; the sample with the best aggregation of
+    its step rewards is graded, next to the first sample alone and the answers' majority vote.
+    """
+    from critloop.graphs.batch import ResultsFile
+    from critloop.graphs.bon import run_best_of_n
+
+    scoring: Aggregation = one_of("--aggregation", aggregation, Aggregation)
+
+    async def best_of_n(solver: Solver, problems: Sequence[Problem], run: RunOptions) -> None:
+        await run_best_of_n(solver.policy, solver.critic, problems, out, n=n, aggregation=scoring, **run)
+
+    _run_method(best_of_n, data, out, options, {"critic.samples": samples})
+    print_report(out, f"best-of-{n} ({aggregation}): {data.name}")
+    records = ResultsFile(out).records()
+    if records:
+        majority = sum(bool(r.get("correct_majority")) for r in records) / len(records)
+        console.print(f"answer majority vote over the {n} samples: {majority:.1%}")
+
+
+def _run_method(
+    method: Method, data: Path, out: Path, options: BatchOptions, overrides: dict[str, Any]
+) -> None:
+    """Run ``method`` over the problems of ``data`` into ``out``, with the solver of the config
+    and ``overrides``, showing its progress."""
+    from critloop.graphs.batch import FieldMap, ResultsFile, RunOptions, load_problems
+
+    problems, bad = load_problems(
+        data,
+        fields=FieldMap(problem=options.problem_field, answer=options.answer_field, id=options.id_field),
+        limit=options.limit,
+        shuffle=options.shuffle,
+        seed=options.seed,
+    )
+    for record in bad:
+        err.print(Text.assemble(("skipped: ", "yellow"), record["error"]), soft_wrap=True)
+    if not problems and not bad:
+        raise ConfigError(f"{data} holds no problems")
+    _, solver = solver_for(options.config, overrides)
+    done_before = len({r.get("id") for r in ResultsFile(out).open_for_append(resume=options.resume)})
+
+    async def run() -> None:
+        async with solver:
+            await load_models(solver)
+            gc.freeze()  # what start-up loaded stays out of the collector's full passes
+            with _BatchProgress(len(problems) + len(bad), done_before) as progress:
+                run = RunOptions(
+                    concurrency=options.concurrency, resume=options.resume, bad=bad, on_record=progress.record
+                )
+                await method(solver, problems, run)
+
+    asyncio.run(run())
+
+
+class _BatchProgress:
+    """The live progress of a batch: problems done, running accuracy, rate, tokens, errors."""
+
+    def __init__(self, total: int, done_before: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=err,
+        )
+        self.task = self.progress.add_task("problems", total=total, completed=done_before, stats="")
+        self.count = self.initial = self.final = self.errors = self.tokens = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _BatchProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.count += 1
+        self.initial += bool(record.get("correct_initial"))
+        self.final += bool(record.get("correct_final"))
+        self.errors += record.get("stop_reason") == "error"
+        usage = record.get("usage") or {}
+        self.tokens += sum(int((usage.get(role) or {}).get("completion_tokens", 0)) for role in usage)
+        minutes = max(1e-9, (time.perf_counter() - self.started) / 60)
+        stats = (
+            f"accuracy {self.initial / self.count:.1%} -> {self.final / self.count:.1%}  "
+            f"{self.count / minutes:.1f}/min  {self.tokens:,} tokens  {self.errors} errors"
+        )
+        self.progress.update(self.task, advance=1, stats=stats)
