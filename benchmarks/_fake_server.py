@@ -47,6 +47,9 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _process
+
 YES_ALTERNATIVES = {"Yes": -0.1, "No": -2.4}
 TOKEN_LOGPROB = -0.05
 
@@ -332,13 +335,7 @@ class FakeCriticServer:
         """Terminate (then kill) the server; its exit code, None if it never started."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        _process.stop(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode

@@ -38,7 +38,6 @@ printed), and 1 when a measurement failed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -48,7 +47,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -56,19 +54,21 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report
 from _fake_server import YES_ALTERNATIVES, FakeCriticServer, classify
 from _machine import cpu_model as _cpu_model
 from _machine import mem_total_gib as _mem_total_gib
 from _machine import version as _version
+from _process import cpu_seconds, interrupt_on_sigterm
 
-import critloop.agent.critic as critic_module
+import critloop.agent._critique as critique_module
 from critloop.agent.critic import CriticConfig, CritiqueReport, GenPRMCritic
 from critloop.sandbox import SandboxConfig, SandboxPool, Session
 from critloop.tools.chat_template import ChatTemplate
@@ -103,27 +103,13 @@ class Plan:
 
 
 FULL = Plan(
-    solutions=16,
-    steps=8,
-    chains=8,
-    sequential_solutions=2,
-    delay_ms=100.0,
-    overhead_steps=8,
-    overhead_repeats=20,
-    overhead_warmup=3,
-    bare_passes=20,
-)
+    solutions=16, steps=8, chains=8, sequential_solutions=2, delay_ms=100.0,
+    overhead_steps=8, overhead_repeats=20, overhead_warmup=3, bare_passes=20,
+)  # fmt: skip
 QUICK = Plan(
-    solutions=4,
-    steps=4,
-    chains=4,
-    sequential_solutions=1,
-    delay_ms=100.0,
-    overhead_steps=4,
-    overhead_repeats=5,
-    overhead_warmup=2,
-    bare_passes=5,
-)
+    solutions=4, steps=4, chains=4, sequential_solutions=1, delay_ms=100.0,
+    overhead_steps=4, overhead_repeats=5, overhead_warmup=2, bare_passes=5,
+)  # fmt: skip
 
 
 @dataclass
@@ -168,18 +154,6 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
-def _proc_cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of another process (Linux ``/proc``), None where unreadable."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 async def _containers_cpu_seconds(pool: SandboxPool) -> float | None:
     """CPU seconds used so far by the pool's kernel containers (Docker stats), None if unknown."""
     names = [k.name for k in pool._kernels if k.alive]
@@ -220,7 +194,7 @@ class CpuMeter:
 
     async def __aenter__(self) -> CpuMeter:
         self._sandbox = await _containers_cpu_seconds(self.pool)
-        self._server = _proc_cpu_seconds(self.server_pid)
+        self._server = cpu_seconds(self.server_pid)
         self._client = time.process_time()
         gc.callbacks.append(self._on_gc)
         return self
@@ -228,7 +202,7 @@ class CpuMeter:
     async def __aexit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._on_gc)
         self.client = time.process_time() - self._client
-        end = _proc_cpu_seconds(self.server_pid)
+        end = cpu_seconds(self.server_pid)
         self.server = None if end is None or self._server is None else end - self._server
         end = await _containers_cpu_seconds(self.pool)
         self.sandbox = None if end is None or self._sandbox is None else end - self._sandbox
@@ -394,7 +368,7 @@ class Probe:
     """Times the critic's parts by wrapping them (an instrumented run only; undone on exit).
 
     Each event is tagged with its solution (a context variable set per ``critique`` task) and
-    with the step and chain (set around each ``_critique_step``), so that a solution's wall time
+    with the step and chain (set around each ``critique_step``), so that a solution's wall time
     can be split along its critical path.
     """
 
@@ -449,11 +423,11 @@ class Probe:
             self._undo.append(lambda: setattr(owner, attr, old))
 
     def _wrap_step(self, inner: Callable[..., Any]) -> Callable[..., Any]:
-        async def step(problem: str, steps: Sequence[str], chain: Any) -> Any:
+        async def step(problem: str, steps: Sequence[str], chain: Any, **options: Any) -> Any:
             _STEP.set((len(chain.critiques) + 1, id(chain)))
             start = time.perf_counter()
             try:
-                return await inner(problem, steps, chain)
+                return await inner(problem, steps, chain, **options)
             finally:
                 self.record("step", start, time.perf_counter())
 
@@ -467,7 +441,7 @@ class Probe:
     async def __aenter__(self) -> Probe:
         templates = []
         for critic in self.critics:
-            self._patch(critic, "_critique_step", self._wrap_step(critic._critique_step), instance=True)
+            self._patch(critic, "critique_step", self._wrap_step(critic.critique_step), instance=True)
             self._swap_model(critic)
             if all(critic.template is not t for t in templates):
                 templates.append(critic.template)
@@ -476,7 +450,7 @@ class Probe:
             count = self._sync("tokenizer count", template.count_tokens)
             self._patch(template, "count_tokens", count, instance=True)
         for name in ("find_verdict", "reward_for"):
-            self._patch(critic_module, name, self._sync("verdict + reward", getattr(critic_module, name)))
+            self._patch(critique_module, name, self._sync("verdict + reward", getattr(critique_module, name)))
         self._patch(Session, "exec", self._async("sandbox exec", Session.exec))
         self._patch(Session, "close", self._async("session close", Session.close))
         self._patch(SandboxPool, "open_session", self._async("session open", SandboxPool.open_session))
@@ -613,15 +587,18 @@ async def bare_rounds(models: Sequence[OpenAICompletionModel], rounds: int, widt
         await asyncio.gather(*(models[i % len(models)].complete(prompt, params) for i in range(width)))
 
 
+class Rig(NamedTuple):
+    """What both sections run against."""
+
+    server: FakeCriticServer
+    pool: SandboxPool
+    template: ChatTemplate
+
+
 async def bench_concurrency(
-    plan: Plan,
-    report: Report,
-    console: Console,
-    server: FakeCriticServer,
-    pool: SandboxPool,
-    template: ChatTemplate,
-    full_sequential: bool,
+    plan: Plan, report: Report, console: Console, rig: Rig, full_sequential: bool
 ) -> None:
+    server, pool, template = rig
     delay = plan.delay_ms / 1000.0
     k, s, n = plan.solutions, plan.steps, plan.chains
     items = workload(k, s)
@@ -828,14 +805,8 @@ async def bench_concurrency(
 # --------------------------------------------------------------------------- section 2
 
 
-async def bench_overhead(
-    plan: Plan,
-    report: Report,
-    console: Console,
-    server: FakeCriticServer,
-    pool: SandboxPool,
-    template: ChatTemplate,
-) -> None:
+async def bench_overhead(plan: Plan, report: Report, console: Console, rig: Rig) -> None:
+    server, pool, template = rig
     s = plan.overhead_steps
     problem, steps = workload(1, s)[0]
     result = report.overhead
@@ -947,14 +918,7 @@ def _f(value: float | None, fmt: str = ".2f") -> str:
 
 
 def render(report: Report, console: Console) -> None:
-    facts = Table(title="Machine", show_header=False)
-    facts.add_column("fact", style="bold")
-    facts.add_column("value")
-    facts.add_row("command", report.command)
-    facts.add_row("mode", report.mode)
-    for key, value in report.machine.items():
-        facts.add_row(key, str(value))
-    console.print(facts)
+    console.print(_report.machine_table(report.command, report.mode, report.machine))
 
     c = report.concurrency
     runs = c.get("runs", {})
@@ -1092,15 +1056,12 @@ def render(report: Report, console: Console) -> None:
 
     o = report.overhead
     if "per_stage_ms_median" in o:
-        table = Table(
-            title=(
-                f"2. Framework overhead per stage against an instant server (delay 0): K=1 x S={o['S']} x "
-                f"N=1, {o['repeats']} sequential critiques"
-            )
+        table = _report.table(
+            f"2. Framework overhead per stage against an instant server (delay 0): K=1 x S={o['S']} x "
+            f"N=1, {o['repeats']} sequential critiques",
+            ("measurement", "ms", "note"),
+            ("ms",),
         )
-        table.add_column("measurement")
-        table.add_column("ms", justify="right")
-        table.add_column("note")
         table.add_row(
             "critique wall (median)",
             _f(o["wall_median_s"] * 1e3, ".1f"),
@@ -1123,33 +1084,24 @@ def render(report: Report, console: Console) -> None:
         )  # fmt: skip
         console.print(table)
         bd = o["breakdown_ms_per_stage"]
-        table = Table(
-            title=(
-                f"Where one stage's time goes (one instrumented critique, "
-                f"{bd['instrumented_wall_s'] * 1e3:.1f} ms / {bd['calls']} calls), ms per completion call"
-            )
+        table = _report.table(
+            f"Where one stage's time goes (one instrumented critique, "
+            f"{bd['instrumented_wall_s'] * 1e3:.1f} ms / {bd['calls']} calls), ms per completion call",
+            ("part", "ms per call"),
+            ("ms per call",),
         )
-        table.add_column("part")
-        table.add_column("ms per call", justify="right")
         for key, value in bd["parts"].items():
             table.add_row(key, f"{value:.3f}")
         table.add_row("total", f"{sum(bd['parts'].values()):.3f}")
         console.print(table)
 
     if report.targets:
-        table = Table(title="Targets")
-        for col in ("target", "value", "limit", "verdict"):
-            table.add_column(col)
+        table = _report.table("Targets", ("target", "value", "limit", "verdict"))
         for t in report.targets:
-            verdict = "[green]MET[/green]" if t["met"] else "[red]NOT MET[/red]"
-            table.add_row(t["target"], t["value"], t["limit"], verdict)
+            table.add_row(t["target"], t["value"], t["limit"], _report.verdict(t["met"]))
         console.print(table)
 
-    table = Table(title="Checks", show_header=False)
-    table.add_column("check", style="bold")
-    table.add_column("value")
-    for key, value in report.checks.items():
-        table.add_row(key, str(value))
+    table = _report.checks_table(report.checks)
     for name in ("critloop", "sequential"):
         if name in runs and "check" in runs[name]:
             table.add_row(f"{name}: per-chain check", json.dumps(runs[name]["check"]))
@@ -1179,11 +1131,11 @@ async def run_all(
         t0 = time.perf_counter()
         async with SandboxPool(SandboxConfig(backend="docker", pool_size=POOL_SIZE)) as pool:
             report.checks["sandbox pool start s"] = round(time.perf_counter() - t0, 2)
+            rig = Rig(server, pool, template)
             for label, step in (
-                ("concurrency", lambda: bench_concurrency(plan, report, console, server, pool, template,
-                                                          full_sequential)),
-                ("overhead", lambda: bench_overhead(plan, report, console, server, pool, template)),
-            ):  # fmt: skip
+                ("concurrency", lambda: bench_concurrency(plan, report, console, rig, full_sequential)),
+                ("overhead", lambda: bench_overhead(plan, report, console, rig)),
+            ):
                 try:
                     await step()
                 except Exception as exc:  # noqa: BLE001 - report the other section; printed below
@@ -1195,27 +1147,19 @@ async def run_all(
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="K=4, S=4, N=4 and fewer repeats (under a minute)"
-    )
+    parser = _report.arguments(__doc__, "K=4, S=4, N=4 and fewer repeats (under a minute)")
     parser.add_argument(
         "--full-sequential",
         action="store_true",
         help="run the sequential baseline on all K solutions instead of extrapolating (minutes)",
     )
-    parser.add_argument("--json", metavar="OUT", help="also write every number as JSON to OUT")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    console = Console(width=max(Console().width, 180))
-    signal.signal(signal.SIGTERM, _sigterm)
+    console = _report.wide_console(180)
+    interrupt_on_sigterm()
 
-    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    command = _report.command_line()
     report = Report(
         command=command,
         mode="quick" if args.quick else "full",
@@ -1255,11 +1199,7 @@ def main(argv: list[str] | None = None) -> int:
     m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     render(report, console)
     if args.json:
-        data = asdict(report)
-        data["targets_config"] = TARGETS
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        console.print(f"wrote {args.json}")
+        _report.write_json(args.json, {**asdict(report), "targets_config": TARGETS}, console, default=str)
     if interrupted:
         return 130
     return 1 if report.failures else 0

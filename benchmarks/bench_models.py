@@ -27,7 +27,6 @@ starts is stopped at the end, even on error or Ctrl-C. This is a benchmark, not 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -52,6 +51,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _process
+import _report
 from _machine import cpu_model as _cpu_model
 from _machine import mem_total_gib as _mem_total_gib
 from _machine import version as _version
@@ -90,21 +91,13 @@ class Plan:
 
 
 FULL = Plan(
-    engine_sequential=8,
-    engine_tokens=64,
-    llama_sequential=16,
-    llama_tokens=64,
-    overhead_calls=2000,
-    overhead_warmup=200,
-)
+    engine_sequential=8, engine_tokens=64, llama_sequential=16, llama_tokens=64,
+    overhead_calls=2000, overhead_warmup=200,
+)  # fmt: skip
 QUICK = Plan(
-    engine_sequential=2,
-    engine_tokens=16,
-    llama_sequential=2,
-    llama_tokens=16,
-    overhead_calls=300,
-    overhead_warmup=50,
-)
+    engine_sequential=2, engine_tokens=16, llama_sequential=2, llama_tokens=16,
+    overhead_calls=300, overhead_warmup=50,
+)  # fmt: skip
 
 
 @dataclass
@@ -136,36 +129,9 @@ class Generation:
     note: str = ""
 
 
-@dataclass
-class Latency:
-    """Latency samples of one request kind, in microseconds."""
-
-    name: str
-    n: int
-    p50_us: float
-    p90_us: float
-    p99_us: float
-    mean_us: float
-    min_us: float
-    max_us: float
-    note: str = ""
-
-    @classmethod
-    def of(cls, name: str, seconds: list[float], note: str = "") -> Latency:
-        if not seconds:
-            raise ValueError(f"no samples for {name}")
-        us = np.asarray(seconds) * 1e6
-        return cls(
-            name=name,
-            n=len(us),
-            p50_us=float(np.percentile(us, 50)),
-            p90_us=float(np.percentile(us, 90)),
-            p99_us=float(np.percentile(us, 99)),
-            mean_us=float(us.mean()),
-            min_us=float(us.min()),
-            max_us=float(us.max()),
-            note=note,
-        )
+Latency = _report.latency_type(
+    "Latency", "us", (50, 90, 99), "Latency samples of one request kind, in microseconds."
+)
 
 
 @dataclass
@@ -278,16 +244,6 @@ class ForwardTimer:
         self.prefill = self.decode = 0.0
         self.calls = 0
         return self
-
-
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of another process (Linux ``/proc``), None where unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _cpu_delta(start: float | None, end: float | None) -> float | None:
@@ -443,13 +399,8 @@ class LlamaServer:
             return "<no log>"
 
     def stop(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            _process.stop(self.proc)
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)
@@ -480,11 +431,11 @@ async def bench_llama(
             console.log(
                 f"llama.cpp: {plan.llama_sequential} sequential requests of {plan.llama_tokens} tokens"
             )
-            cpu0 = _proc_cpu_seconds(pid)
+            cpu0 = _process.cpu_seconds(pid)
             results, latencies, seconds = await run_sequential(
                 model, _prompts(template, plan.llama_sequential), plan.llama_tokens, 1000
             )
-            cpu = _cpu_delta(cpu0, _proc_cpu_seconds(pid))
+            cpu = _cpu_delta(cpu0, _process.cpu_seconds(pid))
             report.generation.append(
                 _summarise(
                     "llama.cpp seq", "llama-cpp-python server (GGUF Q4_1)", 1,
@@ -496,11 +447,11 @@ async def bench_llama(
 
             c = plan.llama_concurrency
             console.log(f"llama.cpp: {c} concurrent requests of {plan.llama_tokens} tokens")
-            cpu0 = _proc_cpu_seconds(pid)
+            cpu0 = _process.cpu_seconds(pid)
             results, latencies, seconds = await run_concurrent(
                 model, _prompts(template, c), plan.llama_tokens, 2000 + c
             )
-            cpu = _cpu_delta(cpu0, _proc_cpu_seconds(pid))
+            cpu = _cpu_delta(cpu0, _process.cpu_seconds(pid))
             report.generation.append(
                 _summarise(
                     f"llama.cpp x{c}", "llama-cpp-python server (GGUF Q4_1)", c,
@@ -683,22 +634,22 @@ def run_overhead(plan: Plan, report: Report, console: Console) -> None:
 # --------------------------------------------------------------------------- output
 
 
+def _concurrency_ratios(report: Report, sequential: Generation, name: str) -> None:
+    """Tokens per second of each concurrent run of ``sequential``'s backend over its own; ``name``
+    holds ``{}`` for the concurrency."""
+    for g in report.generation:
+        if g.backend == sequential.backend and g.concurrency > 1:
+            report.ratios[name.format(g.concurrency)] = g.tokens_per_second / sequential.tokens_per_second
+
+
 def compute_ratios_and_targets(report: Report) -> None:
     by_name = {g.name: g for g in report.generation}
     seq = by_name.get("engine seq")
     if seq is not None:
-        for g in report.generation:
-            if g.backend == seq.backend and g.concurrency > 1:
-                report.ratios[f"engine x{g.concurrency} batched / sequential (tokens/s)"] = (
-                    g.tokens_per_second / seq.tokens_per_second
-                )
+        _concurrency_ratios(report, seq, "engine x{} batched / sequential (tokens/s)")
     llama = by_name.get("llama.cpp seq")
     if llama is not None:
-        for g in report.generation:
-            if g.backend == llama.backend and g.concurrency > 1:
-                report.ratios[f"llama.cpp x{g.concurrency} / sequential (tokens/s)"] = (
-                    g.tokens_per_second / llama.tokens_per_second
-                )
+        _concurrency_ratios(report, llama, "llama.cpp x{} / sequential (tokens/s)")
         if seq is not None:
             report.ratios["llama.cpp sequential / engine sequential (tokens/s)"] = (
                 llama.tokens_per_second / seq.tokens_per_second
@@ -736,14 +687,7 @@ def compute_ratios_and_targets(report: Report) -> None:
 
 
 def render(report: Report, console: Console) -> None:
-    facts = Table(title="Machine", show_header=False)
-    facts.add_column("fact", style="bold")
-    facts.add_column("value")
-    facts.add_row("command", report.command)
-    facts.add_row("mode", report.mode)
-    for key, value in report.machine.items():
-        facts.add_row(key, str(value))
-    console.print(facts)
+    console.print(_report.machine_table(report.command, report.mode, report.machine))
 
     if report.generation:
         table = Table(
@@ -796,9 +740,12 @@ def render(report: Report, console: Console) -> None:
                 console.print(f"  {g.name}: {g.note}")
 
     if report.latency:
-        table = Table(title="Per-request cost against an instant server (separate process), sequential calls")
-        for col in ("measurement", "n", "p50 us", "p90 us", "p99 us", "mean us", "min us", "max us", "note"):
-            table.add_column(col, justify="left" if col in ("measurement", "note") else "right")
+        numbers = ("n", "p50 us", "p90 us", "p99 us", "mean us", "min us", "max us")
+        table = _report.table(
+            "Per-request cost against an instant server (separate process), sequential calls",
+            ("measurement", *numbers, "note"),
+            numbers,
+        )
         for key in ("socket", "httpx", "client"):
             if key in report.latency:
                 s = report.latency[key]
@@ -807,29 +754,21 @@ def render(report: Report, console: Console) -> None:
         console.print(table)
 
     if report.ratios:
-        table = Table(title="Ratios")
-        table.add_column("ratio")
-        table.add_column("value", justify="right")
+        table = _report.table("Ratios", ("ratio", "value"), ("value",))
         for name, value in report.ratios.items():
             table.add_row(name, f"{value:.2f}x")
         console.print(table)
 
     if report.targets:
-        table = Table(title="Targets")
-        for col in ("target", "value", "limit", "verdict", "note"):
-            table.add_column(col, justify="right" if col in ("value", "limit") else "left")
+        table = _report.table("Targets", ("target", "value", "limit", "verdict", "note"), ("value", "limit"))
         for t in report.targets:
-            verdict = "[green]MET[/green]" if t["met"] else "[red]NOT MET[/red]"
+            verdict = _report.verdict(t["met"])
             table.add_row(
                 t["target"], f"{t['value']:.3f} ms", f"{t['op']} {t['limit']:g} ms", verdict, t["note"]
             )
         console.print(table)
 
-    table = Table(title="Checks", show_header=False)
-    table.add_column("check", style="bold")
-    table.add_column("value")
-    for key, value in report.checks.items():
-        table.add_row(key, str(value))
+    table = _report.checks_table(report.checks)
     for key, value in report.samples.items():
         table.add_row(key, repr(value[:160] + ("..." if len(value) > 160 else "")))
     console.print(table)
@@ -838,14 +777,8 @@ def render(report: Report, console: Console) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="far fewer and shorter requests (a smoke run)")
-    parser.add_argument("--json", metavar="OUT", help="also write every number as JSON to OUT")
+    parser = _report.arguments(__doc__, "far fewer and shorter requests (a smoke run)")
     parser.add_argument(
         "--llama-threads",
         type=int,
@@ -854,12 +787,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    console = Console(width=max(Console().width, 180))
-    signal.signal(signal.SIGTERM, _sigterm)
+    console = _report.wide_console(180)
+    _process.interrupt_on_sigterm()
 
     from critloop.tools.embedded import fetch_model
 
-    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    command = _report.command_line()
     report = Report(command=command, mode="quick" if args.quick else "full", machine=machine_facts())
     report.checks["plan"] = asdict(plan)
     threads = args.llama_threads or int(report.machine["torch_threads"])
@@ -899,11 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     compute_ratios_and_targets(report)
     render(report, console)
     if args.json:
-        data = asdict(report)
-        data["targets_config"] = TARGETS
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
-        console.print(f"wrote {args.json}")
+        _report.write_json(args.json, {**asdict(report), "targets_config": TARGETS}, console)
     return 1 if failures else 0
 
 

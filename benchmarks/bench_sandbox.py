@@ -21,15 +21,11 @@ when a target is missed (the verdicts are printed).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
-import json
 import os
 import platform
-import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -38,13 +34,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _report
 from _machine import cpu_model as _cpu_model
 from _machine import mem_total_gib as _mem_total_gib
+from _process import interrupt_on_sigterm
 
 from critloop.sandbox import SandboxConfig, SandboxPool, Session
 from critloop.sandbox.image import image_tag
@@ -92,56 +88,16 @@ class Plan:
 
 
 FULL = Plan(
-    trivial=1000,
-    sympy=500,
-    open=300,
-    fork=300,
-    throughput_seconds=5.0,
-    docker_run=15,
-    docker_exec=20,
-    in_process=20_000,
-)
+    trivial=1000, sympy=500, open=300, fork=300, throughput_seconds=5.0,
+    docker_run=15, docker_exec=20, in_process=20_000,
+)  # fmt: skip
 QUICK = Plan(
-    trivial=150,
-    sympy=80,
-    open=50,
-    fork=50,
-    throughput_seconds=1.5,
-    docker_run=5,
-    docker_exec=6,
-    in_process=2_000,
-    warmup=3,
-)
+    trivial=150, sympy=80, open=50, fork=50, throughput_seconds=1.5,
+    docker_run=5, docker_exec=6, in_process=2_000, warmup=3,
+)  # fmt: skip
 
 
-@dataclass
-class Stats:
-    """Summary of latency samples, in milliseconds."""
-
-    name: str
-    n: int
-    p50_ms: float
-    p99_ms: float
-    mean_ms: float
-    min_ms: float
-    max_ms: float
-    note: str = ""
-
-    @classmethod
-    def of(cls, name: str, seconds: list[float], note: str = "") -> Stats:
-        if not seconds:
-            raise ValueError(f"no samples for {name}")
-        ms = np.asarray(seconds) * 1e3
-        return cls(
-            name=name,
-            n=len(ms),
-            p50_ms=float(np.percentile(ms, 50)),
-            p99_ms=float(np.percentile(ms, 99)),
-            mean_ms=float(ms.mean()),
-            min_ms=float(ms.min()),
-            max_ms=float(ms.max()),
-            note=note,
-        )
+Stats = _report.latency_type("Stats", "ms", (50, 99), "Summary of latency samples, in milliseconds.")
 
 
 @dataclass
@@ -497,18 +453,12 @@ def compute_ratios_and_targets(report: Report) -> None:
 
 
 def render(report: Report, console: Console) -> None:
-    facts = Table(title="Machine", show_header=False)
-    facts.add_column("fact", style="bold")
-    facts.add_column("value")
-    facts.add_row("command", report.command)
-    facts.add_row("mode", report.mode)
-    for key, value in report.machine.items():
-        facts.add_row(key, str(value))
-    console.print(facts)
+    console.print(_report.machine_table(report.command, report.mode, report.machine))
 
-    table = Table(title="Latency (end to end on the host, time.perf_counter)")
-    for col in ("measurement", "n", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms", "note"):
-        table.add_column(col, justify="left" if col in ("measurement", "note") else "right")
+    numbers = ("n", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms")
+    table = _report.table(
+        "Latency (end to end on the host, time.perf_counter)", ("measurement", *numbers, "note"), numbers
+    )
     order = [
         "in_process", "warm_exec_trivial", "warm_exec_trivial_kernel", "warm_exec_sympy",
         "warm_exec_sympy_kernel", "open", "open_close", "open_cycle", "fork", "fork_close",
@@ -520,9 +470,10 @@ def render(report: Report, console: Console) -> None:
         table.add_row(s.name, str(s.n), *map(_ms, numbers), s.note)
     console.print(table)
 
-    table = Table(title=f"Throughput of print(1+1), pool_size={POOL_SIZE} (kernels = containers)")
-    for col in ("sessions", "pool_size", "seconds", "execs", "execs/s", "lat p50 ms", "lat p99 ms", "bad"):
-        table.add_column(col, justify="right")
+    columns = ("sessions", "pool_size", "seconds", "execs", "execs/s", "lat p50 ms", "lat p99 ms", "bad")
+    table = _report.table(
+        f"Throughput of print(1+1), pool_size={POOL_SIZE} (kernels = containers)", columns, columns
+    )
     for t in report.throughput:
         table.add_row(
             str(t.concurrency), str(t.pool_size), f"{t.seconds:.2f}", str(t.execs),
@@ -538,28 +489,19 @@ def render(report: Report, console: Console) -> None:
         for example in t.bad_examples:
             console.print(f"[yellow]bad result at x{t.concurrency}:[/yellow] {example}", markup=True)
 
-    table = Table(title="Ratios (of medians)")
-    table.add_column("ratio")
-    table.add_column("value", justify="right")
+    table = _report.table("Ratios (of medians)", ("ratio", "value"), ("value",))
     for name, value in report.ratios.items():
         table.add_row(name, f"{value:,.1f}x" if value >= 10 else f"{value:.2f}x")
     console.print(table)
 
-    table = Table(title="Targets")
-    for col in ("target", "value", "limit", "verdict", "note"):
-        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
+    table = _report.table("Targets", ("target", "value", "limit", "verdict", "note"), ("value", "limit"))
     for t in report.targets:
         fmt = (lambda v: f"{v:,.1f}x") if t["unit"] == "x" else (lambda v: f"{_ms(v)} ms")
-        verdict = "[green]MET[/green]" if t["met"] else "[red]NOT MET[/red]"
+        verdict = _report.verdict(t["met"])
         table.add_row(t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['limit'])}", verdict, t["note"])
     console.print(table)
 
-    table = Table(title="Checks", show_header=False)
-    table.add_column("check", style="bold")
-    table.add_column("value")
-    for key, value in report.checks.items():
-        table.add_row(key, str(value))
-    console.print(table)
+    console.print(_report.checks_table(report.checks))
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -572,18 +514,11 @@ def to_json(report: Report) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
-    parser.add_argument("--json", metavar="OUT", help="also write every number as JSON to OUT")
-    args = parser.parse_args(argv)
+    args = _report.arguments(__doc__, "fewer iterations (a smoke run)").parse_args(argv)
     plan = QUICK if args.quick else FULL
-    console = Console(width=max(Console().width, 130))
-    signal.signal(signal.SIGTERM, _sigterm)
+    console = _report.wide_console(130)
+    interrupt_on_sigterm()
 
     image = image_tag()
     if subprocess.run(["docker", "image", "inspect", image], capture_output=True, check=False).returncode:
@@ -594,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         from critloop.sandbox.image import build_image
 
         image = build_image(docker_client(), progress=console.log)
-    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    command = _report.command_line()
     report = Report(command=command, mode="quick" if args.quick else "full", machine=machine_facts(image))
     report.checks["plan"] = asdict(plan)
     console.print(f"[bold]command:[/bold] {command}")
@@ -642,9 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     compute_ratios_and_targets(report)
     render(report, console)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(report), f, indent=2)
-        console.print(f"wrote {args.json}")
+        _report.write_json(args.json, to_json(report), console)
     return 0
 
 
