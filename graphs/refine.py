@@ -20,9 +20,10 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels import EphemeralValue
 from langgraph.config import get_config
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -71,16 +72,21 @@ class RefineContext:
     """Limits of the run; None: the default context's (else ``Budget()``)."""
 
 
+_Problem = Annotated[str, EphemeralValue(str)]
+"""The input's problem holds for one step only: an input without one cannot pick up the
+problem of the thread's previous run (the run keeps its own in ``run_problem``)."""
+
+
 class RefineInput(TypedDict):
     """The graph's input: a new run on ``problem``."""
 
-    problem: str
+    problem: _Problem
 
 
 class RefineOutput(TypedDict):
     """The graph's output: :class:`~critloop.graphs.result.SolveResult`'s fields, as JSON."""
 
-    problem: str
+    problem: _Problem
     answer: str | None
     final_steps: list[str]
     initial_steps: list[str]
@@ -107,6 +113,8 @@ class RefineState(RefineOutput):
     """The graph's state: its output, and the run's working data (JSON only, so any
     checkpointer can store it)."""
 
+    run_problem: str
+    """The problem of this run (the input's ``problem`` lasts one step)."""
     steps: list[str]
     """The current solution."""
     seen: list[list[str]]
@@ -223,7 +231,7 @@ class _Nodes:
         problem = _problem(state)
         roles = await self._context(runtime)
         fresh: dict[str, Any] = {
-            "problem": problem,
+            "run_problem": problem,
             "steps": [],
             "initial_steps": [],
             "seen": [],
@@ -251,7 +259,7 @@ class _Nodes:
         async with _NodeRun.resume(roles.budget, state, live) as node:
             run = live.critique if live is not None else None
             if run is None:
-                run = roles.critic.run(state["problem"])
+                run = roles.critic.run(state["run_problem"])
                 if state.get("last_report"):
                     # Continue from the checkpointed report: its unchanged prefix is not
                     # critiqued again (a resume in a new process, or a run with no live objects).
@@ -294,7 +302,7 @@ class _Nodes:
         writer(events.RefiningEvent(round=number, index=index, step=steps[index]).to_json())
         async with _NodeRun.resume(roles.budget, state, _live_run()) as node:
             refinement = await roles.refiner.refine(
-                state["problem"], steps, index, analysis, meter=node.meter
+                state["run_problem"], steps, index, analysis, meter=node.meter
             )
             record: RoundRecord = {
                 "round": number,
@@ -323,6 +331,7 @@ class _Nodes:
         best = state.get("best")
         steps = best["steps"] if best else state.get("steps", [])
         return {
+            "problem": state["run_problem"],
             "final_steps": steps,
             "step_rewards": best["step_rewards"] if best else [],
             "answer": extract_answer(join_steps(steps)),
@@ -475,7 +484,7 @@ async def stream_refine(
     graph_input: RefineInput | None = {"problem": problem}
     if thread_id is not None and graph.checkpointer is not None:
         saved = await graph.aget_state(config)
-        if saved.values and saved.values.get("problem") not in (None, problem):
+        if saved.values and saved.values.get("run_problem") not in (None, problem):
             raise ConfigError(f"thread {thread_id!r} belongs to another problem")
         if saved.values.get("stop_reason") is not None and not saved.next:
             # Finished before: its result, without any model call.

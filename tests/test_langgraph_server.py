@@ -144,6 +144,8 @@ async def test_a_misspelled_input_key_fails_the_run_naming_the_key(
     url, _ = served
     client = get_client(url=url)
     thread = await client.threads.create()
+    # A thread that solved a problem before: the misspelled input must not re-run that one.
+    await client.runs.wait(thread["thread_id"], "critloop", input={"problem": OTHER})
     run = await client.runs.create(thread["thread_id"], "critloop", input={"problm": OTHER})
     joined = await client.runs.join(thread["thread_id"], run["run_id"])
     done = await client.runs.get(thread["thread_id"], run["run_id"])

@@ -125,6 +125,23 @@ async def test_a_new_input_on_a_finished_thread_starts_a_new_run(
     assert set(second) == set(SolveResult.model_fields)
 
 
+async def test_an_input_without_a_problem_on_a_used_thread_is_refused(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    """The thread's previous problem is not picked up: the input's problem lasts one step."""
+    policy = _by_problem()
+    context = _context(template, local_pool, policy=policy)
+    graph = build_refine_graph(checkpointer=InMemorySaver())
+    thread = {"configurable": {"thread_id": "chat-2"}}
+    await graph.ainvoke({"problem": OTHER}, thread, context=context)
+    calls = len(policy.calls)
+    with pytest.raises(ConfigError, match="needs the key 'problem'"):
+        await graph.ainvoke({"problm": OTHER}, thread, context=context)
+    assert len(policy.calls) == calls
+    again = await graph.ainvoke({"problem": OTHER}, thread, context=context)  # the thread goes on
+    assert again["answer"] == "42" and again["problem"] == OTHER
+
+
 async def test_concurrent_runs_of_one_problem_through_one_context_share_nothing(
     template: ChatTemplate, local_pool: SandboxPool
 ) -> None:
