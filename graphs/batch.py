@@ -25,7 +25,7 @@ from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
 from critloop.graphs._results import ResultsFile
 from critloop.graphs.events import DoneEvent, StepEvent
-from critloop.graphs.refine import RefineContext, stream_refine
+from critloop.graphs.refine import RefineContext, RefineGraph, stream_refine
 from critloop.graphs.result import SolveResult
 from critloop.tools.grading import agrade, gold_from_gsm8k
 
@@ -279,7 +279,7 @@ class RunOptions(TypedDict, total=False):
 
 
 async def run_batch(
-    graph: Any,
+    graph: RefineGraph,
     context: RefineContext,
     problems: Sequence[Problem],
     out: str | Path,
@@ -341,7 +341,7 @@ async def run_records(
     return written
 
 
-async def solve_record(graph: Any, context: RefineContext, problem: Problem) -> dict[str, Any]:
+async def solve_record(graph: RefineGraph, context: RefineContext, problem: Problem) -> dict[str, Any]:
     """One problem's record: the run's result, graded, with the steps the critic judged."""
     critiqued: list[list[Any]] = []
     result: SolveResult | None = None
