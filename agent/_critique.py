@@ -31,6 +31,7 @@ from critloop.agent.critic_protocol import (
     conversation,
 )
 from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
+from critloop.errors import ModelError
 from critloop.tools.completion import Completion, ModelUsage
 
 if TYPE_CHECKING:
@@ -207,7 +208,11 @@ class StepCritique:
         )
         if self._meter is not None:
             self._meter.before_call()
-        result = await self._critic.model.complete(self.prompt + self.text, params)
+        try:
+            result = await self._critic.model.complete(self.prompt + self.text, params)
+        except ModelError as error:
+            error.role = error.role or "critic"
+            raise
         call = ModelUsage(
             calls=1, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
         )

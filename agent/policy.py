@@ -17,6 +17,7 @@ from typing import Literal
 from critloop.agent.budget import Role, UsageMeter
 from critloop.agent.steps import join_steps, split_steps
 from critloop.agent.writer import Writer, Written
+from critloop.errors import ModelError
 from critloop.tools.chat_template import ChatMessage
 
 __all__ = [
@@ -92,7 +93,11 @@ async def _write(
     charged to it after (with a ``meter``)."""
     if meter is not None:
         meter.before_call()
-    written = await writer.write(messages, prefix=prefix, max_tokens=max_tokens)
+    try:
+        written = await writer.write(messages, prefix=prefix, max_tokens=max_tokens)
+    except ModelError as error:
+        error.role = error.role or role
+        raise
     if meter is not None:
         meter.charge(role, written.usage)
     return written

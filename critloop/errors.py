@@ -61,7 +61,12 @@ class SandboxProtocolError(SandboxError):
 
 
 class ModelError(CritloopError):
-    """Base class of model-layer failures (never raised for what a model *says*)."""
+    """Base class of model-layer failures (never raised for what a model *says*).
+
+    ``role`` names the role whose call failed (``policy``, ``critic``, ``refiner``), set by the
+    role that made the call; None where no role did."""
+
+    role: str | None = None
 
 
 class ModelEndpointError(ModelError):

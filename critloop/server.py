@@ -96,12 +96,18 @@ class _Options(BaseModel):
     budget: _BudgetOverride = Field(default_factory=_BudgetOverride)
 
 
+class _StreamOptions(BaseModel):
+    include_usage: bool = False
+    """Send the usage on a last chunk with no choices (and ``"usage": null`` on the others)."""
+
+
 class _ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # OpenAI clients send temperature, top_p, ...
 
     model: str = MODEL_ID
     messages: list[_Message] = Field(min_length=1)
     stream: bool = False
+    stream_options: _StreamOptions = Field(default_factory=lambda: _StreamOptions())
     critloop: _Options = Field(default_factory=_Options)
     """critloop's extension: per-request budget overrides, within the server's maximums."""
 
@@ -155,12 +161,29 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _error(status: int, message: str, kind: str, *, param: str | None = None) -> JSONResponse:
-    """An OpenAI-style error object."""
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": kind, "param": param, "code": status}},
-    )
+def _error_body(
+    message: str, kind: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """An OpenAI error object: ``code`` is a string or None, as the OpenAI API types it."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(
+    status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content=_error_body(message, kind, param=param, code=code))
+
+
+def _upstream_failure(source: str | None, detail: str | None) -> tuple[int, dict[str, Any]]:
+    """The status and OpenAI error object of a run that failed upstream. The message names the
+    part that failed and nothing internal (endpoint URLs stay in the server's log)."""
+    logger.warning("a refine run failed (%s): %s", source or "unknown part", detail)
+    if source == "sandbox":
+        message = "the code sandbox is unavailable; retry later"
+        return 503, _error_body(message, "server_error", code="sandbox_unavailable")
+    part = f"the {source} model" if source else "a model or the sandbox"
+    message = f"critloop could not reach {part}; retry later (details are in the server's log)"
+    return 502, _error_body(message, "server_error", code="upstream_error")
 
 
 def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAPI:
@@ -191,7 +214,12 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), settings.api_key):
                 metrics.requests["unauthorized"] += 1
-                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
+                return _error(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_request_bytes:
             metrics.requests["too_large"] += 1
@@ -256,6 +284,7 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
                 f"model {payload.model!r} does not exist; use {MODEL_ID!r}",
                 "invalid_request_error",
                 param="model",
+                code="model_not_found",
             )
         if len(payload.messages) > settings.max_messages:
             metrics.requests["invalid"] += 1
@@ -275,21 +304,27 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         budget = settings.max_budget.capped(settings.max_budget.model_copy(update=asked))
         if metrics.in_flight + metrics.waiting >= settings.max_concurrency + settings.max_queue:
             metrics.requests["overloaded"] += 1
-            return _error(503, "the server is at capacity; retry later", "server_overloaded")
+            return _error(
+                503, "the server is at capacity; retry later", "server_error", code="server_overloaded"
+            )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if payload.stream:
             return StreamingResponse(
-                _stream(request, problem, budget, completion_id),
+                _stream(request, problem, budget, completion_id, payload.stream_options.include_usage),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
         try:
             result = await _run(problem, budget)
         except CritloopError as exc:
-            metrics.requests["failed"] += 1
-            return _error(502, f"the refine loop failed: {exc}", "upstream_error")
-        metrics.requests["ok"] += 1
-        return JSONResponse(_completion(completion_id, result))
+            status, error = _upstream_failure(getattr(exc, "role", None), f"{type(exc).__name__}: {exc}")
+        else:
+            if result.stop_reason != "error":
+                metrics.requests["ok"] += 1
+                return JSONResponse(_completion(completion_id, result))
+            status, error = _upstream_failure(result.error_source, result.error)
+        metrics.requests["failed"] += 1
+        return JSONResponse(status_code=status, content=error)
 
     async def _run(problem: str, budget: Budget) -> SolveResult:
         async for event in _events(problem, budget):
@@ -315,20 +350,19 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
             slots.release()
 
     async def _stream(
-        request: Request, problem: str, budget: Budget, completion_id: str
+        request: Request, problem: str, budget: Budget, completion_id: str, include_usage: bool
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
+        head = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": MODEL_ID,
+        }
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            body = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": MODEL_ID,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra,
-            }
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            # With include_usage, every chunk carries "usage": null until the last one.
+            return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {}), **extra})
 
         yield chunk({"role": "assistant", "content": ""})
         events = _events(problem, budget)
@@ -349,14 +383,22 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
                     break
                 if isinstance(event, DoneEvent):
                     result = event.result
+                    if result.stop_reason == "error":
+                        metrics.requests["failed"] += 1
+                        _, error = _upstream_failure(result.error_source, result.error)
+                        yield _sse(error)  # as the OpenAI API reports an error mid-stream
+                        break
                     yield chunk({"content": _answer_text(result)})
-                    yield chunk({}, "stop", critloop=_extension(result), usage=_usage(result))
+                    yield chunk({}, "stop", critloop=_extension(result))
+                    if include_usage:  # a last chunk with no choice, as the OpenAI API sends it
+                        yield _sse({**head, "choices": [], "usage": _usage(result)})
                     metrics.requests["ok"] += 1
                     break
                 yield chunk({"reasoning_content": _progress(event)}, critloop=event.to_json())
         except CritloopError as exc:
             metrics.requests["failed"] += 1
-            yield chunk({"content": f"\n[critloop error: {exc}]"}, "stop")
+            _, error = _upstream_failure(getattr(exc, "role", None), f"{type(exc).__name__}: {exc}")
+            yield _sse(error)
         except asyncio.CancelledError:
             metrics.requests["cancelled"] += 1
             raise
@@ -372,6 +414,10 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         yield b"data: [DONE]\n\n"
 
     return app
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
 
 async def _disconnected(request: Request) -> None:

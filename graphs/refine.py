@@ -35,10 +35,10 @@ from critloop.agent.budget import Budget, StopReason, Usage, UsageMeter
 from critloop.agent.critic import CritiqueReport, CritiqueRun, GenPRMCritic, StepReport
 from critloop.agent.policy import Policy, Refiner, critique_analysis
 from critloop.agent.steps import extract_answer, join_steps
-from critloop.errors import BudgetExceededError, ConfigError, CritloopError
+from critloop.errors import BudgetExceededError, ConfigError, CritloopError, ModelError, SandboxError
 from critloop.graphs import events
 from critloop.graphs.events import DoneEvent, RunEvent, StepEvent
-from critloop.graphs.result import RoundRecord, SolveResult
+from critloop.graphs.result import ErrorSource, RoundRecord, SolveResult
 
 __all__ = [
     "BestSolution",
@@ -94,6 +94,7 @@ class RefineOutput(TypedDict):
     rounds: list[RoundRecord]
     stop_reason: StopReason | None
     error: str | None
+    error_source: ErrorSource | None
     last_report: dict[str, Any] | None
     """The critic's last report on the current solution (:class:`CritiqueReport` as JSON)."""
     usage: dict[str, Any]
@@ -243,6 +244,7 @@ class _Nodes:
             "answer": None,
             "stop_reason": None,
             "error": None,
+            "error_source": None,
         }
         async with _NodeRun(roles.budget, Usage(), 0.0, fresh, _live_run()) as node:
             draft = await roles.policy.solve(problem, meter=node.meter)
@@ -445,7 +447,7 @@ class _NodeRun:
             self.result = self.stop(exc.reason)
             return True
         if isinstance(exc, CritloopError):
-            self.result = self.stop("error", f"{type(exc).__name__}: {exc}")
+            self.result = {**self.stop("error", f"{type(exc).__name__}: {exc}"), "error_source": _source(exc)}
             return True
         return False
 
@@ -461,6 +463,12 @@ class _NodeRun:
         self, reason: StopReason, error: str | None = None, *, update: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         return {**(update or self.update()), "stop_reason": reason, "error": error}
+
+
+def _source(error: CritloopError) -> ErrorSource | None:
+    if isinstance(error, ModelError) and error.role in ("policy", "critic", "refiner"):
+        return error.role  # type: ignore[return-value]
+    return "sandbox" if isinstance(error, SandboxError) else None
 
 
 # --------------------------------------------------------------------------- streaming

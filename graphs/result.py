@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from typing_extensions import TypedDict
 
 from critloop.agent.budget import StopReason, Usage
 
-__all__ = ["RoundRecord", "SolveResult"]
+__all__ = ["ErrorSource", "RoundRecord", "SolveResult"]
+
+ErrorSource = Literal["policy", "critic", "refiner", "sandbox"]
+"""What failed in a run that stopped with ``error``: a role's model endpoint, or the sandbox."""
 
 
 class RoundRecord(TypedDict):
@@ -51,6 +54,8 @@ class SolveResult(BaseModel):
     stop_reason: StopReason
     error: str | None = None
     """What failed, when ``stop_reason`` is ``error`` (the trace up to there is kept)."""
+    error_source: ErrorSource | None = None
+    """Which part failed, when ``stop_reason`` is ``error``: a role's model, or the sandbox."""
     last_report: dict[str, Any] | None = None
     """The critic's last full report (:class:`~critloop.agent.critic.CritiqueReport` as JSON)."""
     usage: Usage

@@ -42,6 +42,7 @@ RESULT_KEYS = {
     "rounds",
     "stop_reason",
     "error",
+    "error_source",
     "last_report",
     "usage",
     "seconds",

@@ -239,6 +239,7 @@ async def test_a_critic_infrastructure_failure_stops_with_error_and_keeps_the_tr
     result = await solver(template, local_pool, policy_script(), critic).asolve(PROBLEM)
     assert result.stop_reason == "error"
     assert result.error is not None and "ModelEndpointError" in result.error and "127.0.0.1:9" in result.error
+    assert result.error_source == "critic"
     assert result.initial_steps == BAD and result.final_steps == BAD
     assert result.usage.policy.calls == 1
     assert local_pool.status().sessions == 0

@@ -16,10 +16,12 @@ import uvicorn
 from model_fixtures import TOKENIZER_DIR, _free_port
 from refine_script import BAD, GOOD, PROBLEM, Gate, critic_by_content, policy_script, wrong_15
 
-from critloop import Budget, CompletionWriter, Solver, join_steps
+from critloop import Budget, CompletionWriter, OpenAICompletionModel, Solver, join_steps
 from critloop.agent.critic import CriticConfig, GenPRMCritic
+from critloop.errors import SandboxUnavailableError
 from critloop.graphs.events import parse_event
 from critloop.sandbox import SandboxPool
+from critloop.sandbox.backend import SandboxBackend
 from critloop.server import ServerSettings, create_app
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import SamplingParams
@@ -126,7 +128,8 @@ async def test_bearer_auth_when_a_key_is_configured(template: ChatTemplate, loca
     async with serving(make_solver(template, local_pool), api_key="s3cret") as base:
         with pytest.raises(openai.AuthenticationError) as refused:
             await client(base, "wrong").chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
-        assert refused.value.body["type"] == "invalid_api_key"  # type: ignore[index]
+        assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+        assert refused.value.body["code"] == "invalid_api_key"  # type: ignore[index]
         with pytest.raises(openai.AuthenticationError):
             await client(base, "wrong").models.list()
         reply = await client(base, "s3cret").chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
@@ -163,7 +166,10 @@ async def test_malformed_and_oversized_requests_get_openai_error_objects(  # typ
         )
     assert response.status_code == status
     error = response.json()["error"]
-    assert needle in error["message"] and error["code"] == status and "Traceback" not in response.text
+    assert needle in error["message"] and "Traceback" not in response.text
+    assert error["type"] == "invalid_request_error"
+    # The OpenAI API types `code` as a string or null, never the HTTP status.
+    assert error["code"] == ("model_not_found" if status == 404 else None)
 
 
 async def test_saturation_answers_503_and_the_server_keeps_serving(
@@ -176,7 +182,7 @@ async def test_saturation_answers_503_and_the_server_keeps_serving(
         await gate.entered.wait()
         with pytest.raises(openai.APIStatusError) as busy:
             await api.chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
-        assert busy.value.status_code == 503 and busy.value.body["type"] == "server_overloaded"  # type: ignore[index]
+        assert busy.value.status_code == 503 and busy.value.body["code"] == "server_overloaded"  # type: ignore[index]
         gate.open.set()
         assert (await first).choices[0].message.content == join_steps(GOOD)
         again = await api.chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
@@ -296,3 +302,87 @@ def test_the_serve_command_wires_config_key_and_limits_and_warns_without_auth(
     bad.write_text("[budget]\nmax_rounds = -1\n")
     refused = runner.invoke(app, ["serve", "--config", str(bad)])
     assert refused.exit_code == 2 and "budget.max_rounds" in refused.output
+
+
+# --------------------------------------------------------------------------- a tenant boundary
+
+DOWN = "http://127.0.0.1:9/v1"  # nothing listens on the discard port: connection refused at once
+
+
+def _down() -> OpenAICompletionModel:
+    return OpenAICompletionModel(DOWN, "internal-model", max_attempts=1)
+
+
+def _solver_with_a_role_down(template: ChatTemplate, pool: SandboxPool, role: str) -> Solver:
+    if role == "critic":
+        return make_solver(template, pool, critic_model=_down())
+    solver = make_solver(template, pool)
+    solver.policy.writer = solver.refiner.writer = CompletionWriter(_down(), template, SamplingParams())
+    return solver
+
+
+@pytest.mark.parametrize("role", ["policy", "critic"])
+async def test_an_upstream_failure_is_a_502_error_naming_the_role_not_the_url(
+    template: ChatTemplate, local_pool: SandboxPool, role: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(_solver_with_a_role_down(template, local_pool, role)) as base:
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+        # Streamed, the error arrives as the OpenAI API sends one mid-stream.
+        stream = await client(base).chat.completions.create(model="critloop", messages=USER, stream=True)  # type: ignore[call-overload]
+        with pytest.raises(openai.APIError) as streamed:
+            async for _ in stream:
+                pass
+    assert failed.value.status_code == 502
+    for error in (failed.value.body, streamed.value.body):
+        assert (
+            isinstance(error, dict) and error["code"] == "upstream_error" and error["type"] == "server_error"
+        )
+        assert f"the {role} model" in error["message"]
+        assert "127.0.0.1" not in str(error) and "internal-model" not in str(error)
+    # The operator sees the details in the log.
+    assert any("127.0.0.1:9" in record.getMessage() for record in caplog.records)
+
+
+async def test_include_usage_sends_the_usage_on_a_last_chunk_without_choices(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    async with serving(make_solver(template, local_pool)) as base:
+        stream = await client(base).chat.completions.create(  # type: ignore[call-overload]
+            model="critloop", messages=USER, stream=True, stream_options={"include_usage": True}
+        )
+        with_usage = [chunk async for chunk in stream]
+        stream = await client(base).chat.completions.create(model="critloop", messages=USER, stream=True)  # type: ignore[call-overload]
+        without = [chunk async for chunk in stream]
+    last = with_usage[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.completion_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert all(chunk.usage is None and chunk.choices for chunk in with_usage[:-1])
+    assert with_usage[-2].choices[0].finish_reason == "stop"
+    assert all(chunk.usage is None and chunk.choices for chunk in without)
+
+
+class _NoEngine(SandboxBackend):
+    """A backend whose kernels never start (a Docker engine gone away)."""
+
+    name = "docker"
+    isolated = True
+
+    async def start_kernel(self, on_close: Any) -> Any:
+        raise SandboxUnavailableError("Docker engine at unix:///var/run/docker.sock is unreachable")
+
+    async def stop_kernel(self, kernel: Any) -> None:
+        return None
+
+
+async def test_a_sandbox_failure_is_a_503_error(template: ChatTemplate) -> None:
+    solver = make_solver(template, SandboxPool(backend=_NoEngine()))
+    result = await solver.asolve(PROBLEM)
+    assert result.stop_reason == "error" and result.error_source == "sandbox"
+    async with serving(solver) as base:
+        with pytest.raises(openai.InternalServerError) as failed:
+            await client(base).chat.completions.create(model="critloop", messages=USER)  # type: ignore[arg-type]
+    assert failed.value.status_code == 503
+    error = failed.value.body
+    assert isinstance(error, dict) and error["code"] == "sandbox_unavailable"
+    assert "docker.sock" not in str(error)
