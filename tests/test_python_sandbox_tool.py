@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -32,7 +35,7 @@ def test_tool_contract() -> None:
 def test_tool_chooses_docker_and_keeps_state(docker_tool: PythonSandboxTool) -> None:
     assert docker_tool.invoke({"code": "x = 2 ** 10"}) == ""
     assert docker_tool.invoke({"code": "print(x)"}) == "1024"
-    assert docker_tool._pool is not None and docker_tool._pool.status().backend == "docker"
+    assert docker_tool._runner is not None and docker_tool._runner.pool.status().backend == "docker"
 
 
 @pytest.mark.docker
@@ -78,3 +81,40 @@ def test_tool_on_the_local_backend() -> None:
         assert tool.invoke({"code": "print(sum(roots))"}) == "5"
     finally:
         tool.close()
+
+
+# A script that uses the tool and never closes it, as LangChain users write them.
+UNCLOSED = """
+import os, sys
+from critloop.sandbox import SandboxConfig
+from critloop.tools import PythonSandboxTool
+tool = PythonSandboxTool(config=SandboxConfig(backend=sys.argv[1], pool_size=1))
+print(tool.invoke({"code": "print(6*7)"}), os.getpid(), flush=True)
+"""
+
+
+def _run_unclosed(backend: str) -> tuple[str, int, float]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", UNCLOSED, backend], capture_output=True, text=True, timeout=120, check=False
+    )
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    output, pid = done.stdout.split()
+    return output, int(pid), elapsed
+
+
+def test_a_script_that_never_closes_the_tool_exits() -> None:
+    output, _, elapsed = _run_unclosed("local")
+    assert output == "42"
+    assert elapsed < 30  # it used to wait forever on the stopped loop's future
+
+
+@pytest.mark.docker
+def test_a_script_that_never_closes_the_tool_exits_and_leaves_no_container() -> None:
+    from critloop.sandbox.docker_backend import docker_client
+
+    output, pid, elapsed = _run_unclosed("docker")
+    assert output == "42" and elapsed < 60
+    left = docker_client().containers.list(all=True, filters={"label": f"io.critloop.owner.pid={pid}"})
+    assert left == []
