@@ -184,6 +184,13 @@ class _LiveRun:
     """The node tasks working now. LangGraph lets a node in flight run on when the consumer of
     its stream goes away; :func:`stream_refine` cancels these then (a client disconnected)."""
 
+    async def settle(self) -> None:
+        """Release once the sessions still opening have arrived (a run that ended before its
+        chains ran code): none is left counted as open when the run's result is out."""
+        if self.critique is not None:
+            await self.critique.wait_for_sessions()
+        self.release()
+
     def release(self) -> None:
         for task in list(self.tasks):
             task.cancel()  # nothing when the run finished; the nodes in flight when it was abandoned
@@ -502,6 +509,7 @@ async def stream_refine(
             graph_input = None  # resume from the last finished node
         # Else nothing usable was saved (a kill before the first node finished): start over.
     output: dict[str, Any] = {"problem": problem}
+    finished = False
     try:
         async for part in graph.astream(
             graph_input, config, context=context, stream_mode=["custom", "values"], version="v2"
@@ -510,8 +518,11 @@ async def stream_refine(
                 yield events.parse_event(part["data"])
             elif part["type"] == "values":
                 output = dict(part["data"])
+        finished = True
     finally:
-        live.release()
+        if not finished:
+            live.release()  # abandoned or failed: nothing may be awaited here
+    await live.settle()
     yield DoneEvent(result=_result(output))
 
 
