@@ -195,13 +195,11 @@ class GenPRMCritic:
         run = self.run(problem, keep_snapshots=False)
         try:
             report = await run.critique(steps, scan=scan, samples=samples, meter=meter)
-            # A session opened for code that no critique came to write may still be on its
-            # way (a kernel round trip): take it now, so that the release below closes it.
-            await run.wait_for_sessions()
-            return report
-        finally:
-            # The report is ready: the sandbox clean-up need not delay it.
+        except BaseException:
             run.release()
+            raise
+        await run.finish()
+        return report
 
     async def critique_step(
         self, problem: str, steps: Sequence[str], chain: Chain, *, meter: UsageMeter | None = None
@@ -257,12 +255,16 @@ class CritiqueRun:
         await asyncio.gather(*(chain.close() for chain in self._chains), return_exceptions=True)
         self._chains = []
 
-    async def wait_for_sessions(self) -> None:
-        """Wait until no chain's session is still opening (each opens in the background while
-        the first analysis is written, and is awaited only when code first runs)."""
+    async def finish(self) -> None:
+        """Release the run once it is done, leaving no session counted as open: a session still
+        opening (each opens in the background while the first analysis is written, and is
+        awaited only when code first runs) is taken first, at most a kernel round trip; the
+        kills then go on in the background (:meth:`release`). For a run abandoned or failed,
+        where nothing may be awaited, call :meth:`release`."""
         await asyncio.gather(
             *(chain.ready() for chain in self._chains if chain.opening is not None), return_exceptions=True
         )
+        self.release()
 
     def release(self) -> None:
         """Close without waiting: the sessions are killed in the background, tracked by the

@@ -38,7 +38,7 @@ from critloop.agent.budget import Budget
 from critloop.agent.steps import join_steps
 from critloop.errors import CritloopError
 from critloop.graphs.events import DoneEvent, RefinedEvent, RefiningEvent, RunEvent, SolutionEvent, StepEvent
-from critloop.graphs.result import SolveResult
+from critloop.graphs.result import SolveResult, error_source
 from critloop.solver import Solver
 
 __all__ = ["ServerSettings", "create_app"]
@@ -317,7 +317,7 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
         try:
             result = await _run(problem, budget)
         except CritloopError as exc:
-            status, error = _upstream_failure(getattr(exc, "role", None), f"{type(exc).__name__}: {exc}")
+            status, error = _upstream_failure(error_source(exc), f"{type(exc).__name__}: {exc}")
         else:
             if result.stop_reason != "error":
                 metrics.requests["ok"] += 1
@@ -397,7 +397,7 @@ def create_app(solver: Solver, settings: ServerSettings | None = None) -> FastAP
                 yield chunk({"reasoning_content": _progress(event)}, critloop=event.to_json())
         except CritloopError as exc:
             metrics.requests["failed"] += 1
-            _, error = _upstream_failure(getattr(exc, "role", None), f"{type(exc).__name__}: {exc}")
+            _, error = _upstream_failure(error_source(exc), f"{type(exc).__name__}: {exc}")
             yield _sse(error)
         except asyncio.CancelledError:
             metrics.requests["cancelled"] += 1

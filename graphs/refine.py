@@ -35,10 +35,10 @@ from critloop.agent.budget import Budget, StopReason, Usage, UsageMeter
 from critloop.agent.critic import CritiqueReport, CritiqueRun, GenPRMCritic, StepReport
 from critloop.agent.policy import Policy, Refiner, critique_analysis
 from critloop.agent.steps import extract_answer, join_steps
-from critloop.errors import BudgetExceededError, ConfigError, CritloopError, ModelError, SandboxError
+from critloop.errors import BudgetExceededError, ConfigError, CritloopError
 from critloop.graphs import events
 from critloop.graphs.events import DoneEvent, RunEvent, StepEvent
-from critloop.graphs.result import ErrorSource, RoundRecord, SolveResult
+from critloop.graphs.result import ErrorSource, RoundRecord, SolveResult, error_source
 
 __all__ = [
     "BestSolution",
@@ -184,12 +184,11 @@ class _LiveRun:
     """The node tasks working now. LangGraph lets a node in flight run on when the consumer of
     its stream goes away; :func:`stream_refine` cancels these then (a client disconnected)."""
 
-    async def settle(self) -> None:
-        """Release once the sessions still opening have arrived (a run that ended before its
-        chains ran code): none is left counted as open when the run's result is out."""
+    async def finish(self) -> None:
+        """Release a finished run (:meth:`CritiqueRun.finish`: no session left counted open)."""
         if self.critique is not None:
-            await self.critique.wait_for_sessions()
-        self.release()
+            await self.critique.finish()
+            self.critique = None
 
     def release(self) -> None:
         for task in list(self.tasks):
@@ -282,9 +281,12 @@ class _Nodes:
                     on_step=lambda step: writer(_step_event(step).to_json()),
                     meter=node.meter,
                 )
-            finally:
+            except BaseException:
                 if live is None:
                     run.release()
+                raise
+            if live is None:
+                await run.finish()
             update = node.update(
                 last_report=report.model_dump(mode="json"),
                 best=_better(state.get("best"), report),
@@ -454,7 +456,10 @@ class _NodeRun:
             self.result = self.stop(exc.reason)
             return True
         if isinstance(exc, CritloopError):
-            self.result = {**self.stop("error", f"{type(exc).__name__}: {exc}"), "error_source": _source(exc)}
+            self.result = {
+                **self.stop("error", f"{type(exc).__name__}: {exc}"),
+                "error_source": error_source(exc),
+            }
             return True
         return False
 
@@ -470,12 +475,6 @@ class _NodeRun:
         self, reason: StopReason, error: str | None = None, *, update: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         return {**(update or self.update()), "stop_reason": reason, "error": error}
-
-
-def _source(error: CritloopError) -> ErrorSource | None:
-    if isinstance(error, ModelError) and error.role in ("policy", "critic", "refiner"):
-        return error.role  # type: ignore[return-value]
-    return "sandbox" if isinstance(error, SandboxError) else None
 
 
 # --------------------------------------------------------------------------- streaming
@@ -522,7 +521,7 @@ async def stream_refine(
     finally:
         if not finished:
             live.release()  # abandoned or failed: nothing may be awaited here
-    await live.settle()
+    await live.finish()
     yield DoneEvent(result=_result(output))
 
 

@@ -8,11 +8,20 @@ from pydantic import BaseModel, ConfigDict
 from typing_extensions import TypedDict
 
 from critloop.agent.budget import StopReason, Usage
+from critloop.errors import ModelError, SandboxError
 
-__all__ = ["ErrorSource", "RoundRecord", "SolveResult"]
+__all__ = ["ErrorSource", "RoundRecord", "SolveResult", "error_source"]
 
 ErrorSource = Literal["policy", "critic", "refiner", "sandbox"]
 """What failed in a run that stopped with ``error``: a role's model endpoint, or the sandbox."""
+
+
+def error_source(error: BaseException) -> ErrorSource | None:
+    """The part of a run that ``error`` came from: the role that made the failing model call
+    (:attr:`~critloop.errors.ModelError.role`), or the sandbox; None for anything else."""
+    if isinstance(error, ModelError) and error.role in ("policy", "critic", "refiner"):
+        return error.role  # type: ignore[return-value]
+    return "sandbox" if isinstance(error, SandboxError) else None
 
 
 class RoundRecord(TypedDict):
