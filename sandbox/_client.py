@@ -159,6 +159,14 @@ class KernelClient:
             if not self._ready.done():
                 self._ready.set_result(message)
             return
+        if message.get("event") == "fatal" and not self._ready.done():
+            # The kernel refused to start (say, it could not lock its container down).
+            self._ready.set_exception(
+                SandboxUnavailableError(
+                    f"sandbox kernel {self.name} refused to start: {message.get('error')}"
+                )
+            )
+            return
         future = self._waiting.get(message.get("id"))  # type: ignore[arg-type]
         if future is not None and not future.done():
             future.set_result(message)

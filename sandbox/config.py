@@ -54,8 +54,15 @@ class SandboxConfig(BaseModel):
     pids_limit: int = Field(default=256, ge=16)
     """Most processes and threads one container may hold (stops fork bombs)."""
 
-    tmpfs_mb: int = Field(default=64, ge=1)
-    """Size of the one writable tmpfs of a container (``/work``: the sessions' own directories)."""
+    session_disk_mb: int = Field(default=16, ge=1, le=4096)
+    """Docker backend: the disk of one session, a size-bounded tmpfs of its own (its cwd,
+    ``HOME`` and ``TMPDIR``); a snapshot forked from it gets one of its own, with a copy of the
+    files. The pages written count against the container's memory. One session filling its disk
+    leaves every other one's untouched."""
+
+    max_sessions_per_kernel: int = Field(default=64, ge=1, le=1024)
+    """Docker backend: the most sessions (snapshots included) one kernel hosts at once, each with
+    its own user id and disk. A kernel with none free refuses to open or fork."""
 
     max_file_mb: int = Field(default=32, ge=1)
     """Largest file a run may write (``RLIMIT_FSIZE``)."""

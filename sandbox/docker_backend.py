@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import uuid
 from dataclasses import dataclass
@@ -26,7 +27,18 @@ LABEL = "io.critloop.sandbox"
 _OWNER_HOST = "io.critloop.owner.host"
 _OWNER_PID = "io.critloop.owner.pid"
 _OWNER_START = "io.critloop.owner.start"
-_SANDBOX_UID = "10001:10001"
+_SUPERVISOR_CAPS = ["SYS_ADMIN", "SETUID", "SETGID", "CHOWN", "KILL", "SETPCAP"]
+"""What the kernel starts with. SYS_ADMIN serves two mounts at start-up (``/proc`` with
+hidepid, a tmpfs per session slot) and is dropped before the first request; the supervisor keeps
+the rest to give each session its own uid, and its workers keep none."""
+_NO_IPC_OBJECTS = {
+    # SysV message queues, semaphores and shared memory, and POSIX message queues outlive the
+    # process that made them: no session may make any.
+    "kernel.msgmni": "0",
+    "kernel.sem": "0 0 0 0",
+    "kernel.shmmni": "0",
+    "fs.mqueue.queues_max": "0",
+}
 
 
 def docker_client(timeout: float = 10.0) -> Any:
@@ -145,7 +157,7 @@ class DockerBackend(SandboxBackend):
 
         cfg = self.config
         memory = f"{cfg.memory_mb}m"
-        tmpfs_flags = f"rw,nosuid,nodev,noexec,size={cfg.tmpfs_mb}m"
+        slots_mb = cfg.max_sessions_per_kernel * cfg.session_disk_mb
         file_limit = cfg.max_file_mb << 20
         return {
             "image": self.image,
@@ -155,12 +167,15 @@ class DockerBackend(SandboxBackend):
             "auto_remove": True,
             "network_mode": "none",
             "read_only": True,
-            # One size-capped tmpfs: each session's own directory (its cwd, HOME and TMPDIR)
-            # lives in it and is removed at close. No shared /tmp or /dev/shm: a file one
-            # session leaves there would be seen by every later session of the container.
-            "tmpfs": {"/work": f"{tmpfs_flags},uid=10001,gid=10001,mode=0700"},
-            "user": _SANDBOX_UID,
+            # The sessions' own folders (cwd, HOME and TMPDIR) live under /work, which only root
+            # may list or write; the kernel mounts a size-bounded tmpfs per session slot on it
+            # (this tmpfs holds them where it cannot). No shared /tmp or /dev/shm: a file one
+            # session left there would be seen by every later session of the container.
+            "tmpfs": {"/work": f"rw,nosuid,nodev,noexec,size={slots_mb}m,mode=0711"},
+            "user": "0:0",
             "cap_drop": ["ALL"],
+            "cap_add": _SUPERVISOR_CAPS,
+            "sysctls": _NO_IPC_OBJECTS,
             "security_opt": ["no-new-privileges"],
             "pids_limit": cfg.pids_limit,
             "mem_limit": memory,
@@ -173,7 +188,15 @@ class DockerBackend(SandboxBackend):
                 Ulimit(name="fsize", soft=file_limit, hard=file_limit),
                 Ulimit(name="core", soft=0, hard=0),
             ],
-            "environment": {"CRITLOOP_KILL_GRACE": str(cfg.kill_grace_seconds)},
+            "environment": {
+                "CRITLOOP_KILL_GRACE": str(cfg.kill_grace_seconds),
+                "CRITLOOP_ISOLATE": "1",
+                "CRITLOOP_SLOTS": str(cfg.max_sessions_per_kernel),
+                "CRITLOOP_SLOT_MB": str(cfg.session_disk_mb),
+                # Each kernel its own range of session uids: no two containers' sessions share
+                # the per-uid accounting of the host kernel.
+                "CRITLOOP_UID_BASE": str(random.randrange(1 << 7, 1 << 11) << 20),
+            },
             "log_config": LogConfig(type="none"),
             "labels": _owner_labels(),
             "hostname": "sandbox",
@@ -196,12 +219,13 @@ class DockerBackend(SandboxBackend):
         self._sockets[kernel] = raw
         try:
             await asyncio.to_thread(container.start)
-            await kernel.wait_ready(self.config.start_timeout_seconds)
+            ready = await kernel.wait_ready(self.config.start_timeout_seconds)
         except BaseException as exc:
             await self.stop_kernel(kernel)
             if isinstance(exc, docker.errors.DockerException):
                 raise SandboxUnavailableError(f"could not start a sandbox container: {_short(exc)}") from exc
             raise
+        _warn_weaker_isolation(ready.get("isolation") or {})
         return kernel
 
     def _create_and_attach(self) -> tuple[Any, Any]:
@@ -231,6 +255,18 @@ class DockerBackend(SandboxBackend):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "image": self.image}
+
+
+_warned: set[str] = set()
+
+
+def _warn_weaker_isolation(isolation: dict[str, Any]) -> None:
+    """Say once (per cause) where this host kept the kernel from hiding /proc or giving each
+    session its own disk (a security module that refuses mounts, say)."""
+    for error in isolation.get("errors") or []:
+        if error not in _warned:
+            _warned.add(error)
+            logger.warning("sandbox isolation is weaker on this host: %s", error)
 
 
 def _remove(container: Any) -> None:

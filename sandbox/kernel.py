@@ -35,6 +35,7 @@ import socket
 import struct
 import sys
 import time
+from itertools import count as _count
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
@@ -52,12 +53,14 @@ _TRUNCATION_MARKER = "\n[... output truncated: {n} more bytes not shown ...]\n"
 # --------------------------------------------------------------------------- helpers
 
 
-def _prctl(option: int, value: int) -> bool:
+def _prctl(option: int, value: int = 0) -> bool:
+    """prctl(2) with the unused arguments zero (as full words: some options insist)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
+        zero = ctypes.c_ulong(0)
+        return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
     except Exception:  # noqa: BLE001 - prctl is best effort (non-Linux, no ctypes)
         return False
 
@@ -381,15 +384,314 @@ def _preimport() -> list[str]:
     return loaded
 
 
+# --------------------------------------------------------------------------- isolation
+#
+# With ``CRITLOOP_ISOLATE=1`` (the Docker backend sets it; the container starts as root with
+# CAP_SYS_ADMIN and the few capabilities listed in _SUPERVISOR_CAPS), the supervisor locks the
+# container down before it reads a single request:
+#   - /proc is remounted with hidepid=invisible: a session sees its own processes only (the
+#     supervisor sees all through the exempt group _PROC_GID);
+#   - each session slot under /work is a size-bounded tmpfs of its own (one session filling its
+#     disk leaves the others' untouched);
+#   - CAP_SYS_ADMIN leaves the bounding, permitted and effective sets: the supervisor keeps only
+#     what it needs to switch uids, chown, kill and drop the bounding set of its workers.
+# Each worker then takes a user id of its own (never reused within the kernel) and keeps no
+# capability, and a seccomp filter refuses it the namespace and mount calls that the container's
+# profile allows because the container started with CAP_SYS_ADMIN.
+
+_ISOLATE_ENV = "CRITLOOP_ISOLATE"
+_PROC_GID = 10000
+_CAP_CHOWN, _CAP_KILL, _CAP_SETGID, _CAP_SETUID, _CAP_SETPCAP = 0, 5, 6, 7, 8
+_SUPERVISOR_CAPS = (_CAP_CHOWN, _CAP_KILL, _CAP_SETGID, _CAP_SETUID, _CAP_SETPCAP)
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 2, 4, 8, 32
+_SLOT_INODES = 4096  # files and folders one session may hold: bounds the clean-up at close
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> str | None:
+    """mount(2); None on success, else the error's name."""
+    import ctypes
+
+    args = (source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags), data.encode())
+    if _libc().mount(*args) == 0:
+        return None
+    return os.strerror(ctypes.get_errno())
+
+
+def _set_capabilities(keep: tuple[int, ...]) -> bool:
+    """Drop every capability but ``keep`` from the bounding set, then make ``keep`` the permitted
+    and effective sets (none inheritable)."""
+    import ctypes
+
+    libc = _libc()
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    for cap in range(last + 1):
+        if cap not in keep and not _prctl(_PR_CAPBSET_DROP, cap) and ctypes.get_errno() != 22:
+            return False  # (EINVAL: not a capability of this kernel)
+
+    class _Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class _Data(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+    data = (_Data * 2)()
+    mask = sum(1 << cap for cap in keep)
+    data[0].effective = data[0].permitted = mask & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = mask >> 32
+    return libc.capset(ctypes.byref(_Header(0x20080522, 0)), data) == 0
+
+
+# The calls a worker may not make: new namespaces (an unprivileged user namespace would hand its
+# code every capability inside it) and the mount family. Numbers per architecture.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_DENIED_CALLS = {
+    "x86_64": {"unshare": 272, "setns": 308, "mount": 165, "umount2": 166, "pivot_root": 155},
+    "aarch64": {"unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41},
+}
+_CLONE = {"x86_64": 56, "aarch64": 220}
+_NEW_MOUNT_API = range(428, 443)  # open_tree .. mount_setattr, the same on both; clone3 is 435
+_CLONE3 = 435
+_CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_EPERM, _ENOSYS = 1, 38
+
+
+def _seccomp_program(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """The classic-BPF program of the worker filter, as ``(code, jt, jf, k)`` rows; None on an
+    architecture the filter does not know."""
+    if machine not in _AUDIT_ARCH:
+        return None
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    rows: list[list] = []  # [code, jump if true, jump if false, k]; jumps are labels or None
+    labels: dict[str, int] = {}
+
+    def emit(code: int, k: int, jt: str | None = None, jf: str | None = None) -> None:
+        rows.append([code, jt, jf, k])
+
+    emit(load, 4)  # seccomp_data.arch
+    emit(jeq, _AUDIT_ARCH[machine], jf="deny")  # another architecture's numbers: refused
+    emit(load, 0)  # seccomp_data.nr
+    emit(jge, 0x40000000, jt="deny")  # x32 numbers on x86_64
+    for nr in sorted(set(_DENIED_CALLS[machine].values())):
+        emit(jeq, nr, jt="deny")
+    emit(jeq, _CLONE3, jt="enosys")  # its flags live in memory a filter cannot read: libc falls back to clone
+    emit(jge, _NEW_MOUNT_API.start, jf="clone")
+    emit(jge, _NEW_MOUNT_API.stop, jf="deny")
+    labels["clone"] = len(rows)
+    emit(jeq, _CLONE[machine], jf="allow")
+    emit(load, 16)  # clone's flags: the low half of its first argument
+    emit(jset, _CLONE_NAMESPACES, jt="deny")
+    labels["allow"] = len(rows)
+    emit(ret, 0x7FFF0000)
+    labels["deny"] = len(rows)
+    emit(ret, 0x00050000 | _EPERM)
+    labels["enosys"] = len(rows)
+    emit(ret, 0x00050000 | _ENOSYS)
+    return [
+        (code, 0 if jt is None else labels[jt] - i - 1, 0 if jf is None else labels[jf] - i - 1, k)
+        for i, (code, jt, jf, k) in enumerate(rows)
+    ]
+
+
+def _install_seccomp() -> bool:
+    import ctypes
+    import platform
+
+    program = _seccomp_program(platform.machine())
+    if program is None:
+        return False
+
+    class _Filter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class _Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Filter))]
+
+    filters = (_Filter * len(program))(*(_Filter(*row) for row in program))
+    fprog = _Program(len(program), filters)
+    if not _prctl(_PR_SET_NO_NEW_PRIVS, 1):  # what lets a process without CAP_SYS_ADMIN filter itself
+        return False
+    mode_filter, zero = ctypes.c_ulong(2), ctypes.c_ulong(0)
+    return _libc().prctl(ctypes.c_int(_PR_SET_SECCOMP), mode_filter, ctypes.byref(fprog), zero, zero) == 0
+
+
+def _wipe(top: str) -> None:
+    """Empty the folder ``top`` (kept), whoever owns what is in it: each folder is taken over
+    (chown to us, mode 0700) before it is read, so no capability to bypass permissions is
+    needed. Iterative: a session may nest folders deeper than any recursion limit."""
+    folders, stack = [], [top]
+    while stack:
+        folder = stack.pop()
+        with contextlib.suppress(OSError):
+            os.chown(folder, os.getuid(), os.getgid(), follow_symlinks=False)
+            os.chmod(folder, 0o700)
+        folders.append(folder)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    for folder in reversed(folders[1:]):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+class _Homes:
+    """The sessions' own folders (cwd, HOME and TMPDIR).
+
+    Isolated: a fixed set of slots under the root, each its own tmpfs of ``slot_mb`` (where the
+    mounts succeed), taken by one session (and its snapshots, which share its uid) at a time
+    and emptied when it is given back. Otherwise: a folder per session, made on demand."""
+
+    def __init__(self, root: str, *, slots: int = 0, slot_mb: int = 0) -> None:
+        self.root = root
+        self.slots = slots
+        self.slot_mb: int | None = None
+        self.free: list[str] = []
+        self.error: str | None = None
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        if not slots:
+            return
+        os.chmod(root, 0o711)  # sessions may pass through to their own folder, not list the others
+        mounted = True
+        for i in range(slots):
+            path = os.path.join(root, str(i))
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            if mounted and slot_mb:
+                error = _mount(
+                    "tmpfs",
+                    path,
+                    "tmpfs",
+                    _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                    f"size={slot_mb}m,nr_inodes={_SLOT_INODES},mode=0700",
+                )
+                if error is not None:
+                    mounted, self.error = False, f"no tmpfs per session ({error})"
+            self.free.append(path)
+        if mounted and slot_mb:
+            self.slot_mb = slot_mb
+        self.free.reverse()  # hand out 0, 1, 2, ... first
+
+    def take(self, name: str, uid: int | None) -> str:
+        """A clean folder for a session, owned by ``uid`` (None: ours) and closed to others."""
+        if not self.slots:
+            path = os.path.join(self.root, name)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            return path
+        if not self.free:
+            raise RuntimeError(f"no free session slot ({self.slots} in use)")
+        path = self.free.pop()
+        os.chmod(path, 0o700)  # (while it is still ours: a chmod needs the owner)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        return path
+
+    def give_back(self, path: str) -> None:
+        if not self.slots:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        _wipe(path)
+        self.free.append(path)
+
+    def clear(self) -> None:
+        if not self.slots:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _lock_down(root: str, *, slots: int, slot_mb: int) -> tuple[_Homes, dict]:
+    """The privileged start of an isolated kernel (see the section comment): the session
+    folders, /proc, then the capabilities. Returns the folders and what was achieved."""
+    facts: dict = {"uid_per_session": False, "proc_hidden": False, "session_disk_mb": None, "errors": []}
+    error = _mount(
+        "proc",
+        "/proc",
+        "proc",
+        _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+        f"hidepid=invisible,gid={_PROC_GID}",
+    )
+    if error is None:
+        facts["proc_hidden"] = True
+    else:
+        facts["errors"].append(f"/proc not hidden ({error})")
+    homes = _Homes(root, slots=slots, slot_mb=slot_mb)
+    facts["session_disk_mb"] = homes.slot_mb
+    if homes.error:
+        facts["errors"].append(homes.error)
+    try:
+        os.setgroups([_PROC_GID])
+        if not _set_capabilities(_SUPERVISOR_CAPS):
+            raise OSError("capset failed")
+        facts["uid_per_session"] = True
+    except OSError as exc:
+        facts["errors"].append(f"no uid per session ({exc})")
+    return homes, facts
+
+
+def _drop_privileges(uid: int) -> None:
+    """In a new worker of an isolated kernel: the namespace filter, no capability left (not even
+    in the bounding set), then the session's own uid and gid, no supplementary group."""
+    if not _install_seccomp():
+        raise OSError("the seccomp filter could not be installed")
+    for cap in _SUPERVISOR_CAPS:
+        _prctl(_PR_CAPBSET_DROP, cap)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)  # leaving uid 0 for good clears the permitted and effective sets
+
+
+_CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.max"),  # cgroup v2
+    ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+)
+
+
+def _memory() -> dict | None:
+    """The container's memory use and limit in bytes (from its cgroup), or None."""
+    for used_path, limit_path in _CGROUP_MEMORY:
+        try:
+            with open(used_path) as f:
+                used = int(f.read())
+            with open(limit_path) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        limit = int(text) if text.isdigit() else None
+        return {"used": used, "limit": limit if limit and limit < 1 << 60 else None}
+    return None
+
+
 # --------------------------------------------------------------------------- worker
 
 
 class _Worker:
     """Runs inside a forked worker process: executes code for exactly one session."""
 
-    def __init__(self, sock: socket.socket, session_dir: str) -> None:
+    def __init__(self, sock: socket.socket, session_dir: str, uid: int | None = None) -> None:
         self.sock = sock
         self.session_dir = session_dir
+        self.uid = uid  # the session's own user id (isolated kernels), None: the kernel's
         self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
         self.devnull = os.open(os.devnull, os.O_RDWR)
         self.in_user_code = False
@@ -406,9 +708,13 @@ class _Worker:
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, self._on_sigint)
         if not clone:
+            self._adjust_oom()
+            if self.uid is not None:
+                _drop_privileges(self.uid)  # a clone has the uid of the session it copies
             # A clone is the child of the session it copies and must outlive it: it has no
             # death signal. If the supervisor dies, the container (or bubblewrap's pid
             # namespace) goes with it, and an idle clone exits at the end of its channel.
+            # (Set after the uid change, which clears it.)
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             # A CPU-hungry session must not starve the supervisor of its deadlines. (A clone
             # inherits this; lowering it again would leave forks of forks nearly no CPU.)
@@ -419,6 +725,14 @@ class _Worker:
         # Orphans of this session's processes stay in this worker's tree, so that closing the
         # session can find and kill every one of them (setsid and double forks included).
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+        _prctl(_PR_SET_DUMPABLE, 0)  # no ptrace or /proc/<pid>/mem access, even by its own uid
+        self.enter_dir()
+        os.dup2(self.devnull, 0)
+        os.dup2(self.devnull, 1)
+        os.dup2(self.devnull, 2)
+
+    @staticmethod
+    def _adjust_oom() -> None:
         _prctl(_PR_SET_DUMPABLE, 1)  # /proc/self is root-owned while not dumpable
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
@@ -426,10 +740,6 @@ class _Worker:
         except OSError:
             pass
         _prctl(_PR_SET_DUMPABLE, 0)
-        self.enter_dir()
-        os.dup2(self.devnull, 0)
-        os.dup2(self.devnull, 1)
-        os.dup2(self.devnull, 2)
 
     def enter_dir(self) -> None:
         os.makedirs(self.session_dir, mode=0o700, exist_ok=True)
@@ -572,7 +882,7 @@ class _Worker:
             # Another thread may have held a stream's lock at fork time: start with fresh ones.
             sys.stdout = sys.stderr = None
             try:
-                shutil.copytree(self.session_dir, new_dir, symlinks=True)
+                shutil.copytree(self.session_dir, new_dir, symlinks=True, dirs_exist_ok=True)
             except OSError:
                 pass
             self.session_dir = new_dir
@@ -622,11 +932,14 @@ class _Closing:
 
 
 class _Session:
-    def __init__(self, sid: str, pid: int, sock: socket.socket, session_dir: str) -> None:
+    def __init__(
+        self, sid: str, pid: int, sock: socket.socket, session_dir: str | None, uid: int | None
+    ) -> None:
         self.sid = sid
         self.pid = pid  # 0 until a clone says hello
         self.sock = sock
-        self.session_dir = session_dir
+        self.session_dir = session_dir  # None once given back
+        self.uid = uid
         self.frames = FrameReader(_MAX_WORKER_FRAME_BYTES)
         self.pending: _Exec | None = None
         self.pending_fork: str | None = None  # the clone this worker is forking
@@ -635,21 +948,32 @@ class _Session:
 
 
 class Supervisor:
-    def __init__(self, proto_in: int, proto_out: int, modules: list[str], huge_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        proto_in: int,
+        proto_out: int,
+        modules: list[str],
+        huge_bytes: int = 0,
+        *,
+        homes: _Homes,
+        isolation: dict | None = None,
+    ) -> None:
         self.proto_in = proto_in
         self.proto_out = proto_out
         self.modules = modules
         self.huge_bytes = huge_bytes
+        self.homes = homes
+        self.isolation = isolation or {"uid_per_session": False}
+        # Session uids are never reused within a kernel: nothing a uid may have left behind
+        # (a process that escaped, an IPC object) can reach a later session.
+        base = int(os.environ.get("CRITLOOP_UID_BASE", "100000"))
+        self.uids = (base + (n % (1 << 20)) for n in _count())
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[str, _Session] = {}
         self.by_fd: dict[int, _Session] = {}
         self.pipes: dict[int, _Session] = {}
         self.requests = FrameReader(_MAX_REQUEST_BYTES)
         self.exits: dict[int, int] = {}  # reaped pid -> wait status
-        self.root = os.environ.get(_SESSIONS_ROOT_ENV) or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"critloop-sessions-{os.getpid()}"
-        )
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.grace = float(os.environ.get("CRITLOOP_KILL_GRACE", "0.5"))
         # Forks in progress, by clone session id. A fork is answered once the parent has
         # acknowledged it AND the clone has said hello, so both are usable at the reply.
@@ -675,7 +999,11 @@ class Supervisor:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
         _prctl(_PR_SET_DUMPABLE, 0)  # no ptrace or /proc/<pid>/mem access by user code
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.reply({"event": "ready", "pid": os.getpid(), "protocol": PROTOCOL_VERSION})
+        for name in [name for name in os.environ if name.startswith("CRITLOOP_")]:
+            del os.environ[name]  # the kernel's own settings, read by now: no business of the sessions
+        self.reply(
+            {"event": "ready", "pid": os.getpid(), "protocol": PROTOCOL_VERSION, "isolation": self.isolation}
+        )
         while True:
             for key, _ in self.sel.select(self._next_timeout()):
                 if key.data == "proto":
@@ -712,7 +1040,7 @@ class Supervisor:
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             self._destroy(session)
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.homes.clear()
 
     def _next_timeout(self) -> float:
         now, timeout = time.monotonic(), 1.0
@@ -778,7 +1106,7 @@ class Supervisor:
 
     def _op_ping(self, req_id, msg) -> dict:
         try:
-            usage = shutil.disk_usage(self.root)
+            usage = shutil.disk_usage(self.homes.root)
             disk = {"free": usage.free, "total": usage.total}
         except OSError:
             disk = {}
@@ -791,12 +1119,19 @@ class Supervisor:
             "sessions": sorted(self.sessions),
             "processes": len(_descendants(os.getpid())),
             "disk": disk,
+            "isolation": self.isolation,
+            "slots_free": len(self.homes.free) if self.homes.slots else None,
+            "memory": self._memory(),
         }
+
+    def _memory(self) -> dict | None:
+        # Only a container's cgroup is the kernel's own; a local kernel's is the host's.
+        return _memory() if self.isolation["uid_per_session"] else None
 
     def _op_open(self, req_id, msg) -> dict:
         sid = self._new_id(msg, "session")
         self._spawn(sid)
-        return {"session": sid}
+        return {"session": sid, "memory": self._memory()}
 
     def _op_exec(self, req_id, msg) -> None:
         session = self._session(msg)
@@ -827,16 +1162,17 @@ class Supervisor:
     def _op_fork(self, req_id, msg) -> None:
         parent = self._session(msg)
         new_sid = self._new_id(msg, "new_session")
+        new_dir = self.homes.take(new_sid, parent.uid)  # a snapshot shares its session's uid
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        new_dir = os.path.join(self.root, new_sid)
         try:
             _send_frame(parent.sock, {"op": "fork", "session_dir": new_dir}, [theirs.fileno()])
         except OSError:
             mine.close()
+            self.homes.give_back(new_dir)
             raise RuntimeError(f"session {parent.sid!r} is not answering") from None
         finally:
             theirs.close()
-        self._register(_Session(new_sid, 0, mine, new_dir))
+        self._register(_Session(new_sid, 0, mine, new_dir, parent.uid))
         parent.pending_fork = new_sid
         self.forks[new_sid] = _Fork(req_id, parent.sid)
         return None
@@ -884,7 +1220,8 @@ class Supervisor:
     # ---- workers
 
     def _spawn(self, sid: str) -> _Session:
-        session_dir = os.path.join(self.root, sid)
+        uid = next(self.uids) if self.isolation["uid_per_session"] else None
+        session_dir = self.homes.take(sid, uid)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for attempt in range(400):
             try:
@@ -894,6 +1231,7 @@ class Supervisor:
                 if attempt == 399:
                     mine.close()
                     theirs.close()
+                    self.homes.give_back(session_dir)
                     raise
                 self._reap()
                 time.sleep(0.005)
@@ -903,13 +1241,13 @@ class Supervisor:
                 keep = theirs.fileno()
                 os.closerange(3, keep)
                 os.closerange(keep + 1, 1 << 16)
-                worker = _Worker(theirs, session_dir)
+                worker = _Worker(theirs, session_dir, uid)
                 worker.setup()
                 worker.serve()
             finally:
                 os._exit(1)
         theirs.close()
-        session = _Session(sid, pid, mine, session_dir)
+        session = _Session(sid, pid, mine, session_dir, uid)
         self._register(session)
         return session
 
@@ -968,8 +1306,13 @@ class Supervisor:
         if session.pending is not None:
             self._close_pipes(session.pending)
             session.pending = None
-        shutil.rmtree(session.session_dir, ignore_errors=True)
+        self._give_back_home(session)
         return dying
+
+    def _give_back_home(self, session: _Session) -> None:
+        if session.session_dir is not None:
+            self.homes.give_back(session.session_dir)
+            session.session_dir = None
 
     def _read_worker(self, fd: int) -> None:
         session = self.by_fd.get(fd)
@@ -1059,7 +1402,7 @@ class Supervisor:
             _kill_tree(session.pid, self._other_sessions(session))
         self._kill_strays()  # orphans of a worker that died first are our children now
         self._reap()  # killed processes are zombies that still count against the pids limit
-        shutil.rmtree(session.session_dir, ignore_errors=True)
+        self._give_back_home(session)
         if session.sid in self.forks:
             self._fail_fork(session.sid, "the clone died before it started")
             return
@@ -1217,6 +1560,22 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    root = os.environ.get(_SESSIONS_ROOT_ENV) or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"critloop-sessions-{os.getpid()}"
+    )
+    if os.environ.get(_ISOLATE_ENV) == "1":
+        # Before anything else, while nothing has been read from the client.
+        homes, isolation = _lock_down(
+            root,
+            slots=int(os.environ.get("CRITLOOP_SLOTS", "64")),
+            slot_mb=int(os.environ.get("CRITLOOP_SLOT_MB", "16")),
+        )
+        if not isolation["uid_per_session"]:
+            # Workers would run as root with the container's start-up capabilities: refuse.
+            os.write(proto_out, encode_frame({"event": "fatal", "error": "; ".join(isolation["errors"])}))
+            sys.exit(1)
+    else:
+        homes, isolation = _Homes(root), None
     modules = _preimport()
     import gc
 
@@ -1224,7 +1583,7 @@ def main() -> None:
     gc.freeze()  # what the template holds stays out of every session's collections (and pages)
     huge = _collapse_heap()
     try:
-        Supervisor(proto_in, proto_out, modules, huge).run()
+        Supervisor(proto_in, proto_out, modules, huge, homes=homes, isolation=isolation).run()
     except KeyboardInterrupt:
         pass
 

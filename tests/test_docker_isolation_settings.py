@@ -18,7 +18,10 @@ async def test_container_settings(docker_pool: SandboxPool) -> None:
         cfg = backend.config  # type: ignore[attr-defined]
         assert host["NetworkMode"] == "none"
         assert host["ReadonlyRootfs"] is True
-        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        assert host["CapDrop"] == ["ALL"]
+        # SYS_ADMIN for the kernel's two mounts at start-up (dropped before its first request);
+        # the rest for a uid per session.
+        assert sorted(host["CapAdd"]) == ["CHOWN", "KILL", "SETGID", "SETPCAP", "SETUID", "SYS_ADMIN"]
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["Privileged"] is False
         assert host["PidsLimit"] == cfg.pids_limit
@@ -28,14 +31,21 @@ async def test_container_settings(docker_pool: SandboxPool) -> None:
         assert host["LogConfig"]["Type"] == "none"
         assert set(host["Tmpfs"]) == {"/work"}  # no shared /tmp: sessions write only to their own dir
         assert host["IpcMode"] == "none"
-        assert all("noexec" in opts and f"size={cfg.tmpfs_mb}m" in opts for opts in host["Tmpfs"].values())
+        slots_mb = cfg.max_sessions_per_kernel * cfg.session_disk_mb
+        assert all("noexec" in opts and f"size={slots_mb}m" in opts for opts in host["Tmpfs"].values())
+        assert host["Sysctls"] == {
+            "kernel.msgmni": "0",
+            "kernel.sem": "0 0 0 0",
+            "kernel.shmmni": "0",
+            "fs.mqueue.queues_max": "0",
+        }
         ulimits = {u["Name"]: (u["Soft"], u["Hard"]) for u in host["Ulimits"]}
         assert ulimits["core"] == (0, 0)
         assert ulimits["fsize"] == (cfg.max_file_mb << 20,) * 2
         assert ulimits["nofile"][1] <= 4096
         assert not host.get("Binds"), "no host path may be mounted"
         assert all(m["Type"] == "tmpfs" for m in attrs["Mounts"])
-        assert config["User"] == "10001:10001"
+        assert config["User"] == "0:0"  # the supervisor; every session runs under a uid of its own
         assert config["Labels"][LABEL] == "1"
         assert config["Env"] and "OMP_NUM_THREADS=1" in config["Env"]
 
@@ -44,10 +54,10 @@ async def test_user_code_sees_the_limits(docker_pool: SandboxPool) -> None:
     async with await docker_pool.open_session() as session:
         result = await session.exec(
             "import os, resource\n"
-            "print(os.getuid(), os.getgid())\n"
+            "print(os.getuid() == os.getgid() >= 1 << 20, os.getgroups())\n"
             "print(resource.getrlimit(resource.RLIMIT_CORE))\n"
             "status = open('/proc/self/status').read()\n"
             "print([l.split()[1] for l in status.splitlines() if l.startswith(('CapEff', 'NoNewPrivs'))])\n"
             "print(sorted(os.listdir('/sys/class/net')))"
         )
-        assert result.stdout == "10001 10001\n(0, 0)\n['0000000000000000', '1']\n['lo']\n"
+        assert result.stdout == "True []\n(0, 0)\n['0000000000000000', '1']\n['lo']\n"

@@ -291,3 +291,66 @@ def test_the_tree_walk_finds_descendants_and_steps_around_kept_ones(
     finally:
         kernel._kill_tree(root.pid)
         root.wait()
+
+
+# --------------------------------------------------------------------------- the worker's seccomp filter
+
+_FILTER_PROBE = """
+import ctypes, errno, json, os, subprocess, sys, threading
+from critloop.sandbox import kernel
+assert kernel._install_seccomp()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def call(fn, *args):
+    result = fn(*args)
+    return [result, errno.errorcode.get(ctypes.get_errno()) if result == -1 else None]
+out = {
+    "unshare_user": call(libc.unshare, 0x10000000),
+    "unshare_net": call(libc.unshare, 0x40000000),
+    "setns": call(libc.setns, 0, 0),
+    "mount": call(libc.mount, b"none", b"/", b"tmpfs", 0, None),
+    "clone3": call(libc.syscall, 435, None, 0),
+    "open_tree": call(libc.syscall, 428, -100, b"/", 0),
+}
+box = []
+thread = threading.Thread(target=lambda: box.append(1))
+thread.start()
+thread.join()
+out["thread"] = box
+out["subprocess"] = subprocess.run(["true"]).returncode
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+out["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(out))
+"""
+
+
+def test_the_worker_filter_refuses_namespaces_and_mounts_and_keeps_threads_and_forks() -> None:
+    """The worker's seccomp filter (installed here in a child interpreter): new namespaces, setns
+    and the mount calls fail with EPERM, clone3 with ENOSYS (libc then falls back to clone);
+    threads, subprocesses and forks still work."""
+    import platform
+
+    if platform.machine() not in kernel._AUDIT_ARCH:
+        pytest.skip(f"machine limit: no filter for {platform.machine()}")
+    done = subprocess.run([sys.executable, "-c", _FILTER_PROBE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for name in ("unshare_user", "unshare_net", "setns", "mount", "open_tree"):
+        assert out[name] == [-1, "EPERM"], (name, out)
+    assert out["clone3"] == [-1, "ENOSYS"]
+    assert out["thread"] == [1] and out["subprocess"] == 0 and out["fork"] == 3
+
+
+def test_the_filter_program_jumps_stay_inside_it() -> None:
+    """Every jump of the program lands on one of its rows, on both architectures."""
+    for machine in kernel._AUDIT_ARCH:
+        program = kernel._seccomp_program(machine)
+        assert program is not None
+        for index, (code, jt, jf, _k) in enumerate(program):
+            if code & 0x07 == 0x05:  # a jump
+                assert index + 1 + max(jt, jf) < len(program), (machine, index)
+            assert 0 <= jt < 256 and 0 <= jf < 256
+        assert program[-1][0] == 0x06  # the program ends in a return
+    assert kernel._seccomp_program("sparc") is None
