@@ -14,6 +14,7 @@ __all__ = [
     "BudgetExceededError",
     "SandboxError",
     "SandboxUnavailableError",
+    "SandboxCapacityError",
     "SandboxImageError",
     "SandboxClosedError",
     "SandboxProtocolError",
@@ -46,6 +47,12 @@ class SandboxError(CritloopError):
 
 class SandboxUnavailableError(SandboxError):
     """No sandbox backend can run code: the Docker engine is unreachable, or it failed to start."""
+
+
+class SandboxCapacityError(SandboxUnavailableError):
+    """Every kernel the pool may run (``max_kernels``) is full, and no room came within
+    ``open_timeout_seconds``: a session could not be opened. The message names the limits and the
+    ``[sandbox]`` keys to raise. Running sessions are never stopped to make room."""
 
 
 class SandboxImageError(SandboxError):

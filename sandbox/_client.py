@@ -85,6 +85,10 @@ class KernelClient:
     ) -> None:
         self.name = name
         self.sessions: set[str] = set()
+        # The kernel's last memory report (a reply's ``memory``: its container's use and limit, in
+        # bytes), recorded by the pool; None while unknown (the local backend never reports one).
+        self.memory_used: int | None = None
+        self.memory_limit: int | None = None
         self._transport = transport
         self._on_close = on_close
         self._ids = itertools.count(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["SandboxBackendName", "SandboxConfig"]
 
@@ -28,8 +28,31 @@ class SandboxConfig(BaseModel):
     """Which backend runs code (see :data:`SandboxBackendName`)."""
 
     pool_size: int = Field(default=2, ge=1, le=64)
-    """Number of kernels (containers, or local processes) kept warm. Sessions are spread over
-    them; each kernel hosts many sessions, one worker process each."""
+    """Number of kernels (containers, or local processes) kept warm: the pool starts this many and
+    never stops below it. Each kernel hosts many sessions, one worker process each; the pool grows
+    past ``pool_size`` with load, up to ``max_kernels``."""
+
+    max_kernels: int = Field(default=8, ge=1, le=256)
+    """Most kernels the pool runs at once (at least ``pool_size``). A new kernel starts when no
+    running one has room for a new session; at this ceiling, opening a session waits for room
+    (``open_timeout_seconds``). Memory on Docker is at most ``max_kernels * memory_mb``."""
+
+    sessions_per_kernel: int = Field(default=16, ge=1, le=1024)
+    """New sessions go to a kernel only while it hosts fewer than this many sessions, snapshots
+    counted; forks always go to their parent's kernel (so one kernel may host more)."""
+
+    memory_threshold: float = Field(default=0.75, gt=0, le=1)
+    """Fraction of ``memory_mb``: a kernel whose last reported memory use is above it takes no new
+    session (its sessions' forks still go there). Kernels that report no memory (the local
+    backend) count as below it."""
+
+    kernel_idle_seconds: float = Field(default=60.0, ge=0)
+    """Kernels beyond ``pool_size`` that host no session for this long are stopped."""
+
+    open_timeout_seconds: float = Field(default=30.0, ge=0)
+    """At the ``max_kernels`` ceiling, how long opening a session waits for room (a session
+    closing, a kernel's memory falling) before it fails with ``SandboxCapacityError``. A running
+    session is never stopped to make room."""
 
     timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
     """Default wall-clock limit of one exec; the supervisor interrupts, then kills, past it."""
@@ -74,3 +97,12 @@ class SandboxConfig(BaseModel):
 
     start_timeout_seconds: float = Field(default=60.0, gt=0)
     """How long starting one kernel may take before it counts as failed."""
+
+    @model_validator(mode="after")
+    def _ceiling_holds_the_warm_kernels(self) -> SandboxConfig:
+        if self.max_kernels < self.pool_size:
+            raise ValueError(
+                f"max_kernels ({self.max_kernels}) must be at least pool_size ({self.pool_size}): "
+                "pool_size kernels are kept warm, max_kernels is the ceiling the pool grows to"
+            )
+        return self

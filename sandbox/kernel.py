@@ -615,6 +615,18 @@ class _Homes:
         _wipe(path)
         self.free.append(path)
 
+    def usage(self) -> dict:
+        """Free and total bytes of the sessions' disks (every slot's, where each has its own)."""
+        paths = [os.path.join(self.root, str(i)) for i in range(self.slots)] if self.slot_mb else [self.root]
+        free = total = 0
+        for path in paths:
+            try:
+                usage = shutil.disk_usage(path)
+            except OSError:
+                continue
+            free, total = free + usage.free, total + usage.total
+        return {"free": free, "total": total}
+
     def clear(self) -> None:
         if not self.slots:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -1105,11 +1117,6 @@ class Supervisor:
         return sid
 
     def _op_ping(self, req_id, msg) -> dict:
-        try:
-            usage = shutil.disk_usage(self.homes.root)
-            disk = {"free": usage.free, "total": usage.total}
-        except OSError:
-            disk = {}
         return {
             "pid": os.getpid(),
             "protocol": PROTOCOL_VERSION,
@@ -1118,7 +1125,7 @@ class Supervisor:
             "template_huge_pages_mb": self.huge_bytes >> 20,
             "sessions": sorted(self.sessions),
             "processes": len(_descendants(os.getpid())),
-            "disk": disk,
+            "disk": self.homes.usage(),
             "isolation": self.isolation,
             "slots_free": len(self.homes.free) if self.homes.slots else None,
             "memory": self._memory(),
@@ -1431,7 +1438,7 @@ class Supervisor:
         clone = self.sessions.get(clone_sid)
         if fork.acked and clone is not None and clone.pid:
             del self.forks[clone_sid]
-            self.reply({"id": fork.req_id, "ok": True, "session": clone_sid})
+            self.reply({"id": fork.req_id, "ok": True, "session": clone_sid, "memory": self._memory()})
 
     def _fail_fork(self, clone_sid: str, error: str) -> None:
         fork = self.forks.pop(clone_sid, None)
