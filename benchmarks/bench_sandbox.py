@@ -2,7 +2,8 @@
 
 Run from the repository root (the sandbox image must be built: ``critloop sandbox build``)::
 
-    .venv/bin/python benchmarks/bench_sandbox.py [--quick] [--json OUT]
+    .venv/bin/python benchmarks/bench_sandbox.py [--quick] [--json OUT] [--only {sandbox,tool}]
+        [--tool-backend {local,docker}]
 
 What it measures, all end to end as a client sees it (``time.perf_counter`` on the host):
 
@@ -12,7 +13,14 @@ What it measures, all end to end as a client sees it (``time.perf_counter`` on t
 * throughput of ``print(1+1)`` with 1, 8 and 32 concurrent sessions (one asyncio task each);
 * baselines: ``docker run --rm`` per snippet, ``docker exec`` of a fresh python (importing
   sympy) per snippet into one long-running container, and plain in-process ``exec`` (the
-  unsafe floor).
+  unsafe floor);
+* the LangChain tool (``PythonSandboxTool``, on the local backend unless ``--tool-backend
+  docker``): ``print(1+1)`` through ``tool.invoke`` (from the main thread, no loop running) and
+  ``await tool.ainvoke`` (from a running loop), next to the same code on a ``Session`` of a
+  pool of this process (the baseline) and to a trivial LangChain tool, all interleaved round
+  by round, then again beside a thread that runs Python without pause; the tool's overhead is
+  its p50 minus the session's. ``--only tool`` runs this part alone (no Docker needed),
+  ``--only sandbox`` the rest.
 
 Every container the script starts (the pool's kernels and the baselines' containers) is
 removed at the end, even on error or Ctrl-C. This is a benchmark, not a test: it exits 0 even
@@ -28,6 +36,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -69,6 +78,7 @@ TARGETS = {
     "warm_vs_docker_exec_ratio": 200.0,
     "open_p50_ms": 10.0,
     "fork_p50_ms": 10.0,
+    "tool_overhead_p50_ms": 0.5,
 }
 
 
@@ -84,20 +94,25 @@ class Plan:
     docker_run: int
     docker_exec: int
     in_process: int
+    tool_rounds: int
+    tool_busy_rounds: int
     warmup: int = 10
 
 
 FULL = Plan(
     trivial=1000, sympy=500, open=300, fork=300, throughput_seconds=5.0,
-    docker_run=15, docker_exec=20, in_process=20_000,
+    docker_run=15, docker_exec=20, in_process=20_000, tool_rounds=1000, tool_busy_rounds=200,
 )  # fmt: skip
 QUICK = Plan(
     trivial=150, sympy=80, open=50, fork=50, throughput_seconds=1.5,
-    docker_run=5, docker_exec=6, in_process=2_000, warmup=3,
+    docker_run=5, docker_exec=6, in_process=2_000, tool_rounds=300, tool_busy_rounds=60, warmup=3,
 )  # fmt: skip
 
 
 Stats = _report.latency_type("Stats", "ms", (50, 99), "Summary of latency samples, in milliseconds.")
+ToolStats = _report.latency_type(
+    "ToolStats", "ms", (50, 90, 99), "Summary of latency samples of the tool section, in milliseconds."
+)
 
 
 @dataclass
@@ -122,6 +137,13 @@ class Report:
     ratios: dict[str, float] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    tool: dict[str, ToolStats] = field(default_factory=dict)
+    """The tool section: latencies by call kind (session, invoke, ainvoke, trivial tool)."""
+    tool_busy: dict[str, ToolStats] = field(default_factory=dict)
+    """The same (session, invoke, ainvoke) while another thread runs Python without pause."""
+    tool_overhead_ms: dict[str, float] = field(default_factory=dict)
+    """p50 of the tool's invoke and ainvoke minus the p50 of the session's own exec (keys
+    ``invoke``, ``ainvoke``, and ``invoke_busy``, ``ainvoke_busy`` beside the busy thread)."""
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -140,7 +162,19 @@ def _other_containers() -> int:
     return len(out.split()) if out and not out.startswith("<") else 0
 
 
-def machine_facts(image: str) -> dict[str, Any]:
+def machine_facts(image: str | None) -> dict[str, Any]:
+    """The machine's facts; the Docker engine's too, unless ``image`` is None (no Docker used)."""
+    if image is None:
+        return {
+            "nproc": _run_text(["nproc"]),
+            "cpu_count": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "mem_total_gib": _mem_total_gib(),
+            "kernel": platform.release(),
+            "python_host": platform.python_version(),
+            "python_host_impl": f"{platform.python_implementation()} {sys.executable}",
+            "loadavg_start": list(os.getloadavg()),
+        }
     fmt = "{{.Server.Version}}|{{.Server.APIVersion}}|{{.Client.Version}}"
     server, api, client = ([*_run_text(["docker", "version", "--format", fmt]).split("|"), "?", "?"])[:3]
     info = _run_text(["docker", "info", "--format", "{{.Driver}}|{{.CgroupVersion}}|{{.KernelVersion}}"])
@@ -408,6 +442,137 @@ async def bench_sandbox(plan: Plan, report: Report, console: Console) -> None:
         await pool.close()
 
 
+# --------------------------------------------------------------------------- the LangChain tool
+
+TOOL_KINDS = {
+    "session": "session.exec (the baseline)",
+    "invoke": "tool.invoke (sync)",
+    "ainvoke": "await tool.ainvoke (async)",
+    "trivial_invoke": "trivial tool .invoke",
+    "trivial_ainvoke": "trivial async tool await .ainvoke",
+}
+
+
+def _rounds(
+    calls: dict[str, Callable[[], tuple[float, bool]]], n: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """``n`` rounds (after ``warmup``) of every call, in an order that rotates round by round:
+    the latencies and the count of wrong results of each."""
+    kinds = list(calls)
+    samples: dict[str, list[float]] = {kind: [] for kind in kinds}
+    bad = dict.fromkeys(kinds, 0)
+    for i in range(warmup + n):
+        shift = i % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            seconds, ok = calls[kind]()
+            if i >= warmup:
+                samples[kind].append(seconds)
+                bad[kind] += not ok
+    return samples, bad
+
+
+def bench_tool(plan: Plan, backend: str, report: Report, console: Console) -> None:
+    """The tool's per-call cost next to the session's own, interleaved round by round.
+
+    Each round times, in an order that rotates from round to round, ``print(1+1)`` on a session
+    of a pool of this process (``await session.exec``, in this thread's event loop), through
+    ``PythonSandboxTool.invoke`` (on the main thread, no loop running), through ``await
+    PythonSandboxTool.ainvoke`` (in the same event loop), and a trivial LangChain tool's
+    ``invoke`` and ``ainvoke`` (a function that returns ``""``: LangChain's own cost per call).
+    Then fewer rounds of the first three while another thread of this process runs Python
+    without pause (holding the GIL but for the interpreter's switch interval, 5 ms): what a
+    thread hop costs when each wake-up waits for the GIL.
+    """
+    from langchain_core.tools import tool as as_tool
+
+    from critloop.tools import PythonSandboxTool
+
+    @as_tool
+    def noop(code: str) -> str:
+        """Does nothing (the reference: LangChain's own cost of a tool call)."""
+        return ""
+
+    @as_tool
+    async def anoop(code: str) -> str:
+        """Does nothing, asynchronously."""
+        return ""
+
+    config = SandboxConfig(backend=backend, pool_size=1)
+    clock = time.perf_counter
+    args = {"code": TRIVIAL}
+    loop = asyncio.new_event_loop()
+    pool = SandboxPool(config)
+    tool = PythonSandboxTool(config=config)
+    try:
+        session = loop.run_until_complete(pool.open_session())
+
+        async def on_session() -> tuple[float, bool]:
+            t0 = clock()
+            result = await session.exec(TRIVIAL)
+            return clock() - t0, result.ok and result.stdout == "2\n"
+
+        def invoke() -> tuple[float, bool]:
+            t0 = clock()
+            out = tool.invoke(args)
+            return clock() - t0, out == "2"
+
+        async def ainvoke() -> tuple[float, bool]:
+            t0 = clock()
+            out = await tool.ainvoke(args)
+            return clock() - t0, out == "2"
+
+        def trivial_invoke() -> tuple[float, bool]:
+            t0 = clock()
+            out = noop.invoke(args)
+            return clock() - t0, out == ""
+
+        async def trivial_ainvoke() -> tuple[float, bool]:
+            t0 = clock()
+            out = await anoop.ainvoke(args)
+            return clock() - t0, out == ""
+
+        calls: dict[str, Callable[[], tuple[float, bool]]] = {
+            "session": lambda: loop.run_until_complete(on_session()),
+            "invoke": invoke,
+            "ainvoke": lambda: loop.run_until_complete(ainvoke()),
+            "trivial_invoke": trivial_invoke,
+            "trivial_ainvoke": lambda: loop.run_until_complete(trivial_ainvoke()),
+        }
+        samples, bad = _rounds(calls, plan.tool_rounds, plan.warmup * 5)
+        report.checks["tool_backend"] = tool._runner.pool.status().backend if tool._runner else "none"
+        report.checks["tool_bad_results"] = bad
+
+        console.log(f"the LangChain tool beside a busy Python thread: {plan.tool_busy_rounds} rounds")
+        spinning = [True]
+
+        def spin() -> None:
+            while spinning[0]:
+                pass
+
+        spinner = threading.Thread(target=spin, name="busy", daemon=True)
+        spinner.start()
+        try:
+            busy = {kind: calls[kind] for kind in ("session", "invoke", "ainvoke")}
+            busy_samples, busy_bad = _rounds(busy, plan.tool_busy_rounds, plan.warmup)
+        finally:
+            spinning[0] = False
+            spinner.join()
+        report.checks["tool_busy_bad_results"] = busy_bad
+    finally:
+        tool.close()
+        loop.run_until_complete(pool.close())
+        loop.close()
+    for kind, seconds in samples.items():
+        report.tool[kind] = ToolStats.of(TOOL_KINDS[kind], seconds)
+    for kind, seconds in busy_samples.items():
+        report.tool_busy[kind] = ToolStats.of(TOOL_KINDS[kind], seconds, "another thread busy in Python")
+    for kind in ("invoke", "ainvoke"):
+        report.tool_overhead_ms[kind] = report.tool[kind].p50_ms - report.tool["session"].p50_ms
+        report.tool_overhead_ms[f"{kind}_busy"] = (
+            report.tool_busy[kind].p50_ms - report.tool_busy["session"].p50_ms
+        )
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -416,6 +581,42 @@ def _ms(value: float) -> str:
 
 
 def compute_ratios_and_targets(report: Report) -> None:
+    if report.latency:
+        sandbox_ratios_and_targets(report)
+    if report.tool:
+        tool_ratios_and_targets(report)
+
+
+def _target(
+    report: Report, name: str, value: float, limit: float, op: str, unit: str, note: str = ""
+) -> None:
+    met = value <= limit if op == "<=" else value >= limit
+    report.targets.append(
+        {"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": met, "note": note}
+    )
+
+
+def tool_ratios_and_targets(report: Report) -> None:
+    tool = report.tool
+    session = tool["session"].p50_ms
+    for kind in ("invoke", "ainvoke"):
+        report.ratios[f"tool {kind} / session exec"] = tool[kind].p50_ms / session
+        report.ratios[f"tool {kind} overhead / trivial tool {kind}"] = (
+            report.tool_overhead_ms[kind] / tool[f"trivial_{kind}"].p50_ms
+        )
+    for kind, label in (("invoke", "sync invoke"), ("ainvoke", "async ainvoke")):
+        _target(
+            report,
+            f"tool overhead p50, {label}",
+            report.tool_overhead_ms[kind],
+            TARGETS["tool_overhead_p50_ms"],
+            "<=",
+            "ms",
+            "tool p50 - session p50",
+        )
+
+
+def sandbox_ratios_and_targets(report: Report) -> None:
     lat = report.latency
     warm = lat["warm_exec_trivial"].p50_ms
     ratios = {
@@ -429,13 +630,10 @@ def compute_ratios_and_targets(report: Report) -> None:
     by_c = {t.concurrency: t.execs_per_second for t in report.throughput}
     for c in CONCURRENCY[1:]:
         ratios[f"throughput x{c} / x1"] = by_c[c] / by_c[1]
-    report.ratios = ratios
+    report.ratios.update(ratios)
 
     def target(name: str, value: float, limit: float, op: str, unit: str, note: str = "") -> None:
-        met = value <= limit if op == "<=" else value >= limit
-        report.targets.append(
-            {"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": met, "note": note}
-        )
+        _target(report, name, value, limit, op, unit, note)
 
     target("warm trivial exec p50", warm, TARGETS["warm_exec_p50_ms"], "<=", "ms")
     target(
@@ -454,7 +652,48 @@ def compute_ratios_and_targets(report: Report) -> None:
 
 def render(report: Report, console: Console) -> None:
     console.print(_report.machine_table(report.command, report.mode, report.machine))
+    if report.latency:
+        render_sandbox(report, console)
+    if report.tool:
+        render_tool(report, console)
 
+    table = _report.table("Ratios (of medians)", ("ratio", "value"), ("value",))
+    for name, value in report.ratios.items():
+        table.add_row(name, f"{value:,.1f}x" if value >= 10 else f"{value:.2f}x")
+    console.print(table)
+
+    table = _report.table("Targets", ("target", "value", "limit", "verdict", "note"), ("value", "limit"))
+    for t in report.targets:
+        fmt = (lambda v: f"{v:,.1f}x") if t["unit"] == "x" else (lambda v: f"{_ms(v)} ms")
+        verdict = _report.verdict(t["met"])
+        table.add_row(t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['limit'])}", verdict, t["note"])
+    console.print(table)
+
+    console.print(_report.checks_table(report.checks))
+
+
+def render_tool(report: Report, console: Console) -> None:
+    numbers = ("n", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "overhead p50 ms")
+    table = _report.table(
+        f"LangChain tool: print(1+1) per call, {report.checks.get('tool_backend')} backend, interleaved",
+        ("measurement", *numbers),
+        numbers,
+    )
+    for kind, s in report.tool.items():
+        overhead = report.tool_overhead_ms.get(kind)
+        numbers = (s.p50_ms, s.p90_ms, s.p99_ms, s.mean_ms, s.min_ms)
+        table.add_row(s.name, str(s.n), *map(_ms, numbers), "" if overhead is None else _ms(overhead))
+    if report.tool_busy:
+        table.add_section()
+    for kind, s in report.tool_busy.items():
+        overhead = report.tool_overhead_ms.get(f"{kind}_busy")
+        numbers = (s.p50_ms, s.p90_ms, s.p99_ms, s.mean_ms, s.min_ms)
+        name = f"{s.name}, beside a busy thread"
+        table.add_row(name, str(s.n), *map(_ms, numbers), "" if overhead is None else _ms(overhead))
+    console.print(table)
+
+
+def render_sandbox(report: Report, console: Console) -> None:
     numbers = ("n", "p50 ms", "p99 ms", "mean ms", "min ms", "max ms")
     table = _report.table(
         "Latency (end to end on the host, time.perf_counter)", ("measurement", *numbers, "note"), numbers
@@ -489,20 +728,6 @@ def render(report: Report, console: Console) -> None:
         for example in t.bad_examples:
             console.print(f"[yellow]bad result at x{t.concurrency}:[/yellow] {example}", markup=True)
 
-    table = _report.table("Ratios (of medians)", ("ratio", "value"), ("value",))
-    for name, value in report.ratios.items():
-        table.add_row(name, f"{value:,.1f}x" if value >= 10 else f"{value:.2f}x")
-    console.print(table)
-
-    table = _report.table("Targets", ("target", "value", "limit", "verdict", "note"), ("value", "limit"))
-    for t in report.targets:
-        fmt = (lambda v: f"{v:,.1f}x") if t["unit"] == "x" else (lambda v: f"{_ms(v)} ms")
-        verdict = _report.verdict(t["met"])
-        table.add_row(t["target"], fmt(t["value"]), f"{t['op']} {fmt(t['limit'])}", verdict, t["note"])
-    console.print(table)
-
-    console.print(_report.checks_table(report.checks))
-
 
 def to_json(report: Report) -> dict[str, Any]:
     data = asdict(report)
@@ -514,12 +739,11 @@ def to_json(report: Report) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _report.arguments(__doc__, "fewer iterations (a smoke run)").parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    console = _report.wide_console(130)
-    interrupt_on_sigterm()
+def _needs_docker(args: Any) -> bool:
+    return args.only != "tool" or args.tool_backend == "docker"
 
+
+def _image(console: Console) -> str:
     image = image_tag()
     if subprocess.run(["docker", "image", "inspect", image], capture_output=True, check=False).returncode:
         # The tag is a hash of the kernel: a changed kernel needs its image (seconds when the
@@ -529,49 +753,55 @@ def main(argv: list[str] | None = None) -> int:
         from critloop.sandbox.image import build_image
 
         image = build_image(docker_client(), progress=console.log)
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _report.arguments(__doc__, "fewer iterations (a smoke run)")
+    parser.add_argument(
+        "--only",
+        choices=("sandbox", "tool"),
+        help="run one part: the Docker sandbox and its baselines, or the LangChain tool's overhead",
+    )
+    parser.add_argument(
+        "--tool-backend",
+        choices=("local", "docker"),
+        default="local",
+        help="the sandbox backend of the tool part (default: local, which needs no Docker)",
+    )
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    console = _report.wide_console(130)
+    interrupt_on_sigterm()
+
+    image = _image(console) if _needs_docker(args) else None
     command = _report.command_line()
     report = Report(command=command, mode="quick" if args.quick else "full", machine=machine_facts(image))
     report.checks["plan"] = asdict(plan)
     console.print(f"[bold]command:[/bold] {command}")
+    docker = (
+        f"docker server {report.machine['docker_server']} (client {report.machine['docker_client']})  "
+        if image
+        else ""
+    )
     console.print(
-        f"[bold]machine:[/bold] nproc={report.machine['nproc']}  docker server "
-        f"{report.machine['docker_server']} (client {report.machine['docker_client']})  "
-        f"python {report.machine['python_host']}  image {image}"
+        f"[bold]machine:[/bold] nproc={report.machine['nproc']}  {docker}"
+        f"python {report.machine['python_host']}  image {image or '(not used)'}"
     )
 
     cleanup = Cleanup()
     try:
-        console.log("in-process floor")
-        samples, ok = bench_in_process(plan.in_process, plan.warmup * 100)
-        report.latency["in_process"] = Stats.of("in-process exec (unsafe floor)", samples, "redirect_stdout")
-        report.checks["in_process_ok"] = ok
-
-        asyncio.run(bench_sandbox(plan, report, console))
-
-        console.log("baseline: docker exec into a long-running container")
-        sleeper = start_sleeper(image, cleanup)
-        report.machine["python_image"] = _run_text(
-            ["docker", "exec", sleeper, "python3", "-c", "import platform, sympy; "
-             "print(platform.python_version(), 'sympy', sympy.__version__)"]
-        )  # fmt: skip
-        samples, bad = bench_docker_exec(sleeper, plan.docker_exec, 2)
-        report.latency["docker_exec_sympy"] = Stats.of(
-            "docker exec python3 -c 'import sympy; print(1+1)'", samples, "CLI, fresh python each"
-        )
-        report.checks["docker_exec_bad"] = bad
-        _run_text(["docker", "rm", "-f", sleeper], timeout=120)
-
-        console.log("baseline: docker run --rm per snippet")
-        samples, bad = bench_docker_run(image, plan.docker_run, cleanup)
-        report.latency["docker_run"] = Stats.of(
-            "docker run --rm python3 -c 'print(1+1)'", samples, "CLI, --network none"
-        )
-        report.checks["docker_run_bad"] = bad
+        if args.only != "tool":
+            bench_docker_sandbox(plan, image or "", report, console, cleanup)
+        if args.only != "sandbox":
+            console.log(f"the LangChain tool ({args.tool_backend} backend): {plan.tool_rounds} rounds")
+            bench_tool(plan, args.tool_backend, report, console)
     finally:
-        left = cleanup.run()
-        report.checks["containers_left_after_cleanup"] = left
-        if left:
-            console.print(f"[red]{left} containers of this run could not be removed[/red]")
+        if image is not None:
+            left = cleanup.run()
+            report.checks["containers_left_after_cleanup"] = left
+            if left:
+                console.print(f"[red]{left} containers of this run could not be removed[/red]")
 
     report.machine["loadavg_end"] = list(os.getloadavg())
     compute_ratios_and_targets(report)
@@ -579,6 +809,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         _report.write_json(args.json, to_json(report), console)
     return 0
+
+
+def bench_docker_sandbox(plan: Plan, image: str, report: Report, console: Console, cleanup: Cleanup) -> None:
+    """The sandbox on Docker, and its baselines."""
+    console.log("in-process floor")
+    samples, ok = bench_in_process(plan.in_process, plan.warmup * 100)
+    report.latency["in_process"] = Stats.of("in-process exec (unsafe floor)", samples, "redirect_stdout")
+    report.checks["in_process_ok"] = ok
+
+    asyncio.run(bench_sandbox(plan, report, console))
+
+    console.log("baseline: docker exec into a long-running container")
+    sleeper = start_sleeper(image, cleanup)
+    report.machine["python_image"] = _run_text(
+        ["docker", "exec", sleeper, "python3", "-c", "import platform, sympy; "
+         "print(platform.python_version(), 'sympy', sympy.__version__)"]
+    )  # fmt: skip
+    samples, bad = bench_docker_exec(sleeper, plan.docker_exec, 2)
+    report.latency["docker_exec_sympy"] = Stats.of(
+        "docker exec python3 -c 'import sympy; print(1+1)'", samples, "CLI, fresh python each"
+    )
+    report.checks["docker_exec_bad"] = bad
+    _run_text(["docker", "rm", "-f", sleeper], timeout=120)
+
+    console.log("baseline: docker run --rm per snippet")
+    samples, bad = bench_docker_run(image, plan.docker_run, cleanup)
+    report.latency["docker_run"] = Stats.of(
+        "docker run --rm python3 -c 'print(1+1)'", samples, "CLI, --network none"
+    )
+    report.checks["docker_run_bad"] = bad
 
 
 if __name__ == "__main__":
