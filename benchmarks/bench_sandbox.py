@@ -11,7 +11,8 @@ What it measures, all end to end as a client sees it (``time.perf_counter`` on t
 * opening a session from a warm pool (``open_session`` + ``close``);
 * forking a session that holds some state (``fork`` + ``close`` of the clone);
 * throughput of ``print(1+1)`` with 1, 8 and 32 concurrent sessions (one asyncio task each);
-* baselines: ``docker run --rm`` per snippet, ``docker exec`` of a fresh python (importing
+* baselines: the same exec, open and fork on kernels with one uid for every session (as before
+  sessions had a uid each), ``docker run --rm`` per snippet, ``docker exec`` of a fresh python (importing
   sympy) per snippet into one long-running container, and plain in-process ``exec`` (the
   unsafe floor);
 * the LangChain tool (``PythonSandboxTool``, on the local backend unless ``--tool-backend
@@ -52,6 +53,7 @@ from _machine import mem_total_gib as _mem_total_gib
 from _process import interrupt_on_sigterm
 
 from critloop.sandbox import SandboxConfig, SandboxPool, Session
+from critloop.sandbox.docker_backend import DockerBackend
 from critloop.sandbox.image import image_tag
 
 POOL_SIZE = 2
@@ -629,6 +631,10 @@ def sandbox_ratios_and_targets(report: Report) -> None:
         "docker_exec_sympy / open_cycle": lat["docker_exec_sympy"].p50_ms / lat["open_cycle"].p50_ms,
         "docker_run / fork_cycle": lat["docker_run"].p50_ms / lat["fork_cycle"].p50_ms,
     }
+    for kind in ("exec", "open_cycle", "fork_cycle"):  # what the isolation costs (alternating blocks)
+        ratios[f"{kind}: uid per session / one uid"] = (
+            lat[f"cost_{kind}_uid per session"].p50_ms / lat[f"cost_{kind}_one uid"].p50_ms
+        )
     by_c = {t.concurrency: t.execs_per_second for t in report.throughput}
     for c in CONCURRENCY[1:]:
         ratios[f"throughput x{c} / x1"] = by_c[c] / by_c[1]
@@ -704,6 +710,8 @@ def render_sandbox(report: Report, console: Console) -> None:
         "in_process", "warm_exec_trivial", "warm_exec_trivial_kernel", "warm_exec_sympy",
         "warm_exec_sympy_kernel", "open", "open_close", "open_cycle", "fork", "fork_close",
         "fork_cycle", "docker_exec_sympy", "docker_run",
+        *(f"cost_{kind}_{name}" for kind in ("exec", "open_cycle", "fork_cycle")
+          for name in ("uid per session", "one uid")),
     ]  # fmt: skip
     for key in order:
         s = report.latency[key]
@@ -813,6 +821,58 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _SharedUidBackend(DockerBackend):
+    """The container as it was before each session had a uid of its own: the supervisor and
+    every session under uid 10001, no capability, one plain ``/work`` tmpfs, no hidden /proc.
+    The baseline of what the per-session isolation costs (never a way to run untrusted code)."""
+
+    def container_options(self) -> dict[str, Any]:
+        options = super().container_options()
+        environment = {"CRITLOOP_KILL_GRACE": options["environment"]["CRITLOOP_KILL_GRACE"]}
+        tmpfs = {"/work": "rw,nosuid,nodev,noexec,size=64m,uid=10001,gid=10001,mode=0700"}
+        return {**options, "user": "10001:10001", "cap_add": [], "sysctls": {}, "environment": environment,
+                "tmpfs": tmpfs}  # fmt: skip
+
+
+async def bench_isolation_cost(plan: Plan, report: Report, console: Console) -> None:
+    """Warm exec, open + close and fork + close on the real kernels and on kernels with one uid
+    for every session, in alternating blocks (a quarter of the samples each) so that the
+    machine's load falls on both alike."""
+    config = SandboxConfig(backend="docker", pool_size=1)
+    shared_backend = await asyncio.to_thread(_SharedUidBackend, config)
+    pools = {"uid per session": SandboxPool(config), "one uid": SandboxPool(config, backend=shared_backend)}
+    try:
+        for pool in pools.values():
+            await pool.start()
+        report.checks["shared_uid_isolation"] = (await pools["one uid"].ping())[0].get("isolation")
+        console.log("the cost of a uid per session: against one uid for every session, alternating")
+        samples: dict[tuple[str, str], list[float]] = {}
+        sessions = {name: await pool.open_session() for name, pool in pools.items()}
+        parents = {name: await pool.open_session() for name, pool in pools.items()}
+        for parent in parents.values():
+            if not (await parent.exec(FORK_STATE)).ok:
+                raise RuntimeError("fork state setup failed")
+        for block in range(4):
+            order = list(pools.items()) if block % 2 == 0 else list(reversed(pools.items()))
+            for name, pool in order:
+                execs, _inner, _bad = await timed_execs(
+                    sessions[name], TRIVIAL, "2\n", plan.trivial // 4, plan.warmup
+                )
+                samples.setdefault(("exec", name), []).extend(execs)
+                opens = (await timed_pair(pool.open_session, plan.open // 4, plan.warmup))[2]
+                samples.setdefault(("open_cycle", name), []).extend(opens)
+                forks = (await timed_pair(parents[name].fork, plan.fork // 4, plan.warmup))[2]
+                samples.setdefault(("fork_cycle", name), []).extend(forks)
+        labels = {"exec": "warm exec", "open_cycle": "open + close", "fork_cycle": "fork + close"}
+        for (kind, name), values in samples.items():
+            report.latency[f"cost_{kind}_{name}"] = Stats.of(f"  {name}: {labels[kind]}", values)
+        for session in [*sessions.values(), *parents.values()]:
+            await session.close()
+    finally:
+        for pool in pools.values():
+            await pool.close()
+
+
 def bench_docker_sandbox(plan: Plan, image: str, report: Report, console: Console, cleanup: Cleanup) -> None:
     """The sandbox on Docker, and its baselines."""
     console.log("in-process floor")
@@ -821,6 +881,7 @@ def bench_docker_sandbox(plan: Plan, image: str, report: Report, console: Consol
     report.checks["in_process_ok"] = ok
 
     asyncio.run(bench_sandbox(plan, report, console))
+    asyncio.run(bench_isolation_cost(plan, report, console))
 
     console.log("baseline: docker exec into a long-running container")
     sleeper = start_sleeper(image, cleanup)
