@@ -980,6 +980,7 @@ class Supervisor:
         # (a process that escaped, an IPC object) can reach a later session.
         base = int(os.environ.get("CRITLOOP_UID_BASE", "100000"))
         self.uids = (base + (n % (1 << 20)) for n in _count())
+        self.waiting_homes: dict[int, list[str]] = {}  # uid -> folders of its closed sessions
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[str, _Session] = {}
         self.by_fd: dict[int, _Session] = {}
@@ -1317,9 +1318,21 @@ class Supervisor:
         return dying
 
     def _give_back_home(self, session: _Session) -> None:
-        if session.session_dir is not None:
-            self.homes.give_back(session.session_dir)
-            session.session_dir = None
+        """Give a closed session's folder back; on an isolated kernel, only once no process of
+        its uid is left. A snapshot shares its session's uid and outlives it: while one lives, a
+        process of it could hold a descriptor into the folder (write into a file there, which
+        would fill the next tenant's disk) or race the clean-up. Such folders wait, untouched
+        and closed to every other uid, until the last session of that uid is gone."""
+        path, session.session_dir = session.session_dir, None
+        if path is None:
+            return
+        uid = session.uid
+        if uid is not None and any(s.uid == uid for s in self.sessions.values()):
+            self.waiting_homes.setdefault(uid, []).append(path)
+            return
+        self.homes.give_back(path)
+        for held in self.waiting_homes.pop(uid, []) if uid is not None else []:
+            self.homes.give_back(held)
 
     def _read_worker(self, fd: int) -> None:
         session = self.by_fd.get(fd)

@@ -1462,6 +1462,47 @@ async def test_one_session_filling_its_disk_leaves_the_others_theirs(live_pool: 
     await assert_fresh_session_works(live_pool)
 
 
+async def test_a_snapshot_cannot_reach_the_next_tenant_of_its_sessions_folder(live_pool: SandboxPool) -> None:
+    """A snapshot outlives its session and shares its uid: it may hold a file open in the closed
+    session's folder. That folder goes to no one else until the snapshot is gone too, so what the
+    snapshot writes there never fills (or shows up on) another tenant's disk."""
+    session = await live_pool.open_session()
+    assert (await session.exec("import os\nhome = os.getcwd()\nopen('left.txt', 'w').write('x')")).ok
+    home = (await session.exec("print(home)")).stdout.strip()
+    snapshot = await session.fork()
+    try:
+        opened = await snapshot.exec("held = [open(home + f'/held-{i}.bin', 'wb') for i in range(2)]")
+        assert opened.ok, opened.text()
+        await session.close()
+        async with await live_pool.open_session() as tenant:
+            cwd = (await tenant.exec("import os\nprint(os.getcwd())")).stdout.strip()
+            assert cwd != home  # the closed session's folder is not handed out
+            fill_held = """
+                try:
+                    for f in held:  # two files: one alone would stop at the file size limit first
+                        f.write(b'z' * (30 << 20))
+                        f.flush()
+                except OSError as exc:
+                    print(exc.errno)
+                """
+            wrote = await run(snapshot, fill_held)
+            assert wrote.stdout.strip() == "28", wrote.text()  # ENOSPC: its own uid's old disk only
+            free = await tenant.exec("import shutil\nprint(shutil.disk_usage('.').free)")
+            assert int(free.stdout) == SESSION_DISK_MB << 20
+    finally:
+        await snapshot.close()
+    async with await live_pool.open_session() as later:  # the folder is free again, and empty
+        report = await run_json(
+            later,
+            """
+            import json, os, shutil
+            print(json.dumps([os.getcwd(), os.listdir('.'), shutil.disk_usage('.').free]))
+            """,
+        )
+    assert report == [home, [], SESSION_DISK_MB << 20], report
+    await assert_fresh_session_works(live_pool)
+
+
 async def test_kill_every_process_reaches_only_the_own_session(live_pool: SandboxPool) -> None:
     """os.kill(-1, SIGKILL) reaches the session's own processes only (Linux spares the caller):
     its child dies; its worker, the neighbours and the kernel live on."""
