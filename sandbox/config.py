@@ -83,9 +83,11 @@ class SandboxConfig(BaseModel):
     files. The pages written count against the container's memory. One session filling its disk
     leaves every other one's untouched."""
 
-    max_sessions_per_kernel: int = Field(default=64, ge=1, le=1024)
+    max_sessions_per_kernel: int = Field(default=256, ge=1, le=1024)
     """Docker backend: the most sessions (snapshots included) one kernel hosts at once, each with
-    its own user id and disk. A kernel with none free refuses to open or fork."""
+    its own user id and disk; a kernel with none free refuses to open or fork. Each is a process
+    too, so ``pids_limit`` bounds them as well. (A refine run holds a snapshot per passed step of
+    each critique chain: long solutions need many.)"""
 
     max_file_mb: int = Field(default=32, ge=1)
     """Largest file a run may write (``RLIMIT_FSIZE``)."""
