@@ -182,8 +182,14 @@ class StepCritique:
     def result(self) -> ChainCritique:
         """The critique as written, with its verdict and reward."""
         verdict, offset = find_verdict(self.text)
+        cfg = self._config
         reward, source = reward_for(
-            verdict, offset, self.segments, yes_ids=self._critic.yes_ids, no_ids=self._critic.no_ids
+            verdict,
+            offset,
+            self.segments,
+            yes_ids=self._critic.yes_ids,
+            no_ids=self._critic.no_ids,
+            temperature=cfg.temperature if cfg.logprobs == "raw" else None,
         )
         return ChainCritique(
             text=self.text,
@@ -204,7 +210,10 @@ class StepCritique:
         """One model call continuing the critique; what it wrote is appended to it."""
         cfg = self._config
         params = cfg.sampling(
-            logprobs=cfg.logprobs if logprobs else None, include_stop=True, stop=stop, max_tokens=max_tokens
+            logprobs=cfg.top_logprobs if logprobs else None,
+            include_stop=True,
+            stop=stop,
+            max_tokens=max_tokens,
         )
         if self._meter is not None:
             self._meter.before_call()

@@ -26,7 +26,7 @@ from critloop.errors import ConfigError
 from critloop.sandbox import SandboxPool
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.completion import CompletionModel, ModelUsage
+from critloop.tools.completion import CompletionModel, LogprobsMode, ModelUsage
 from critloop.tools.endpoint import EndpointConfig
 
 __all__ = [
@@ -67,13 +67,29 @@ class CriticConfig(EndpointConfig):
     max_critique_tokens: int = Field(default=2048, ge=64)
     """A critique past this many tokens falls back to a forced judgement."""
     forced_judgement_tokens: int = Field(default=20, ge=1)
-    logprobs: int = Field(default=20, ge=1, le=20)
+    logprobs: LogprobsMode = "raw"
+    """What the server's logprobs are. ``raw`` (vLLM's default, llama.cpp's, the embedded
+    engine's): the reward rescales them by the sampling temperature, 1 / (1 + exp((lp_No - lp_Yes)
+    / T)), which is P(Yes) / (P(Yes) + P(No)) after temperature as GenPRM computed it.
+    ``processed`` (vLLM with ``--logprobs-mode processed_logprobs``): the plain ratio."""
+    top_logprobs: int = Field(default=20, ge=1, le=20)
     """Top-k logprobs asked for at the stages that can hold the judgement (the reward needs the
-    decision token's); the analysis stage asks for none."""
+    other answer's); the analysis stage asks for none."""
     first_step_format: str = DEFAULT_FIRST_STEP_FORMAT
     code_timeout_seconds: float = Field(default=5.0, gt=0)
     max_code_output_chars: int = Field(default=2000, ge=100)
     """Code output shown to the critic is cut to this (with a marker)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _logprobs_is_a_mode(cls, data: object) -> object:
+        # ``logprobs`` was the number of top logprobs before it named the server's mode.
+        if isinstance(data, dict) and isinstance(data.get("logprobs"), int):
+            raise ValueError(
+                f"logprobs = {data['logprobs']}: logprobs names what the server's logprobs are "
+                '("raw" or "processed"); the number of alternatives is top_logprobs'
+            )
+        return data
 
     @model_validator(mode="after")
     def _instruct_for_the_embedded_model(self) -> CriticConfig:

@@ -16,10 +16,12 @@ from critloop.tools.completion import TokenLogprob
 __all__ = ["RewardSource", "Segment", "Verdict", "find_verdict", "reward_for", "segment_after"]
 
 Verdict = Literal["yes", "no", "none"]
-RewardSource = Literal["logprobs", "hard_label", "none"]
-"""``logprobs``: P(Yes)/(P(Yes)+P(No)) at the decision token. ``hard_label``: 1.0 or 0.0 from the
-verdict text (no logprobs from the server, or the decision token could not be located).
-``none``: no verdict at all; the reward is 0.5."""
+RewardSource = Literal["logprobs", "logprobs_bound", "hard_label", "none"]
+"""``logprobs``: P(Yes)/(P(Yes)+P(No)) at the decision token. ``logprobs_bound``: the same, but
+the other answer was not among the token's top logprobs (or a server's top-k / top-p masking cut
+it): its logprob is taken as the least likely listed one's, a bound that never overstates the
+verdict's side. ``hard_label``: 1.0 or 0.0 from the verdict text (no logprobs from the server,
+or the decision token could not be located). ``none``: no verdict at all; the reward is 0.5."""
 
 # \boxed{Yes}, \boxed{ yes }, \boxed{\text{No}}, \boxed {YES}; the word must end there.
 _BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{\s*)?(yes|no)\b", re.IGNORECASE)
@@ -79,8 +81,14 @@ def reward_for(
     *,
     yes_ids: frozenset[int] = frozenset(),
     no_ids: frozenset[int] = frozenset(),
+    temperature: float | None = None,
 ) -> tuple[float, RewardSource]:
     """The reward of one critique and where it came from.
+
+    The reward is P(Yes) / (P(Yes) + P(No)) at the decision token, after the sampling
+    temperature T. The softmax's normaliser cancels in that ratio, so it follows from the two
+    logprobs alone: 1 / (1 + exp((lp_No - lp_Yes) / T)) from raw logprobs, and with T = 1 from
+    logprobs already processed (after temperature).
 
     Args:
         verdict: from :func:`find_verdict`.
@@ -88,6 +96,18 @@ def reward_for(
         segments: the critique's pieces with their tokens.
         yes_ids, no_ids: token ids of "Yes" / "No" in the critic's vocabulary, to match
             alternatives by id where the server gives ids (by text otherwise).
+        temperature: the temperature the judgement was sampled at, when the logprobs are raw
+            (0: greedy, the reward is 1, 0 or 0.5); None when they are processed.
+
+    Example:
+        >>> from critloop.tools.completion import TokenLogprob, TopLogprob
+        >>> top = (TopLogprob(token="Yes", logprob=-0.1), TopLogprob(token="No", logprob=-2.4))
+        >>> yes = (TokenLogprob(token="Yes", logprob=-0.1, top=top),)
+        >>> segments = [Segment(0, "\\boxed{", ()), Segment(7, "Yes", yes), Segment(10, "}", ())]
+        >>> round(reward_for("yes", 7, segments, temperature=0.6)[0], 4)
+        0.9788
+        >>> round(reward_for("yes", 7, segments)[0], 4)  # processed logprobs: the plain ratio
+        0.9089
     """
     if verdict == "none" or offset is None:
         return 0.5, "none"
@@ -104,14 +124,29 @@ def reward_for(
         )
         if matched and (other is None or alt.logprob > other):
             other = alt.logprob
+    source: RewardSource = "logprobs"
     if other is None:
         # The other answer is not among the top-k: the least likely listed one stands in for it.
         other = min((alt.logprob for alt in token.top if alt.id not in mine_ids), default=mine - 20.0)
         other = min(other, mine)
-    p_mine, p_other = math.exp(mine), math.exp(other)
-    p_yes, p_no = (p_mine, p_other) if verdict == "yes" else (p_other, p_mine)
-    total = p_yes + p_no
-    return (0.5 if total == 0 else p_yes / total), "logprobs"
+        source = "logprobs_bound"
+    lp_yes, lp_no = (mine, other) if verdict == "yes" else (other, mine)
+    return _ratio(lp_yes, lp_no, temperature), source
+
+
+def _ratio(lp_yes: float, lp_no: float, temperature: float | None) -> float:
+    """1 / (1 + exp((lp_no - lp_yes) / T)), T = 1 for processed logprobs; never overflows."""
+    if not (math.isfinite(lp_yes) or math.isfinite(lp_no)):
+        return 0.5  # both answers masked out: no information
+    gap = lp_yes - lp_no
+    if temperature is not None:
+        if temperature <= 0:  # greedy: the distribution is all on the larger one
+            return 0.5 if gap == 0 else float(gap > 0)
+        gap /= temperature
+    if gap >= 0:
+        return 1.0 / (1.0 + math.exp(-gap))
+    z = math.exp(gap)
+    return z / (1.0 + z)
 
 
 def _decision_token(verdict: Verdict, offset: int, segments: Sequence[Segment]) -> TokenLogprob | None:

@@ -136,6 +136,7 @@ def test_a_missing_config_file_exits_2(tmp_path: Path) -> None:
         ("--mode", "rewrite", "--mode must be step or full"),
         ("--sandbox", "podman", "--sandbox must be auto, docker or local"),
         ("--critic-profile", "genius", "critic.profile"),
+        ("--critic-logprobs", "softmax", "--critic-logprobs must be raw or processed"),
     ],
 )
 def test_bad_flag_values_exit_2(flag: str, value: str, message: str) -> None:
@@ -187,6 +188,8 @@ def test_flags_override_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "GenPRM/GenPRM-7B",
         "--critic-profile",
         "instruct",
+        "--critic-logprobs",
+        "processed",
         "--samples",
         "4",
         "--max-rounds",
@@ -210,7 +213,7 @@ def test_flags_override_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "http://127.0.0.1:8001/v1",
         "GenPRM/GenPRM-7B",
     )
-    assert (cfg.critic.profile, cfg.critic.samples) == ("instruct", 4)
+    assert (cfg.critic.profile, cfg.critic.samples, cfg.critic.logprobs) == ("instruct", 4, "processed")
     assert (cfg.budget.max_rounds, cfg.budget.max_tokens, cfg.budget.max_seconds) == (2, 1000, 30.0)
     assert (cfg.refine.mode, cfg.sandbox.backend, cfg.sandbox.pool_size) == ("full", "local", 1)
 
@@ -272,19 +275,20 @@ def test_the_live_view_shows_the_loop_and_the_result(scripted: dict[str, bool]) 
     assert "problem  What is 2 + 3 * 4?" in lines
     assert any(line.startswith("initial solution · 3 steps") for line in lines)
     step2 = next(line for line in lines if line.startswith("step 2") and "flagged" in line)
-    assert "0.17 no" in step2 and "█" in step2 and "░" in step2
+    # The scripted critic's raw logprobs (Yes -0.1 / No -2.4, and the reverse) at T = 0.6.
+    assert "0.06 no" in step2 and "█" in step2 and "░" in step2
     assert "2 + 12 is 14, not 15." in out
     assert "step 3: not critiqued (the scan stops at the first flagged step)" in lines
     assert any(line.startswith("round 1/2 · refining step 2") for line in lines)
     assert any("flagged" in line and "Then 2 + 12 = 15." in line for line in lines)
     assert any("rewrite" in line and "Then 2 + 12 = 14." in line for line in lines)
     assert any(line.startswith("revised solution (round 1/2) · 3 steps") for line in lines)
-    assert any(line.startswith("step 1") and "0.91 yes" in line and "(reused)" in line for line in lines)
+    assert any(line.startswith("step 1") and "0.98 yes" in line and "(reused)" in line for line in lines)
     final = next(i for i, line in enumerate(lines) if line.startswith("final solution ─"))
     assert lines[final + 1 : final + 4] == [
-        "step 1  0.91 First, 3 * 4 = 12.",
-        "step 2  0.91 Then 2 + 12 = 14.",
-        "step 3  0.91 The answer is \\boxed{14}.",
+        "step 1  0.98 First, 3 * 4 = 12.",
+        "step 2  0.98 Then 2 + 12 = 14.",
+        "step 3  0.98 The answer is \\boxed{14}.",
     ]
     assert "answer: 14" in lines
     assert "stop reason: all_steps_pass — every step passed the critic" in lines
@@ -302,7 +306,7 @@ def test_json_prints_exactly_the_result(scripted: dict[str, bool]) -> None:
     assert (result["answer"], result["stop_reason"], result["error"]) == ("14", "all_steps_pass", None)
     assert result["initial_steps"] == WRONG
     assert result["final_steps"] == [WRONG[0], "Then 2 + 12 = 14.", "The answer is \\boxed{14}."]
-    assert [round(r, 2) for r in result["step_rewards"]] == [0.91, 0.91, 0.91]
+    assert [round(r, 2) for r in result["step_rewards"]] == [0.98, 0.98, 0.98]
     [record] = result["rounds"]
     assert (record["round"], record["index"], record["flagged_step"]) == (1, 1, WRONG[1])
     assert record["rewrite"] == "Then 2 + 12 = 14." and "14, not 15" in record["critique"]

@@ -113,3 +113,19 @@ async def test_both_backends_agree_on_the_next_token_distribution(
         top_b = {t.token: t.logprob for t in b.top[:3]}
         assert set(top_a) == set(top_b), (top_a, top_b)
         assert all(abs(top_a[t] - top_b[t]) < 0.5 for t in top_a), (top_a, top_b)
+
+
+async def test_logprobs_are_raw_whatever_the_temperature(backend: CompletionModel, prompt: str) -> None:
+    """Both backends return raw logprobs (of the model's own distribution, as vLLM does by
+    default), which is what the critic's default ``logprobs = "raw"`` expects: the next-token
+    alternatives of one prompt have the same logprobs at a low and a high temperature."""
+
+    async def first_top(t: float) -> dict[str, float]:
+        params = SamplingParams(max_tokens=1, temperature=t, logprobs=5, seed=1)
+        tokens = (await backend.complete(prompt, params)).choices[0].tokens
+        assert tokens
+        return {alt.token: alt.logprob for alt in tokens[0].top[:5]}
+
+    cold, hot = await first_top(0.3), await first_top(1.5)
+    assert set(cold) == set(hot)
+    assert all(abs(cold[t] - hot[t]) < 1e-3 for t in cold), (cold, hot)

@@ -109,3 +109,17 @@ async def test_endpoints_build_their_models() -> None:
     assert first is second  # one engine per model, device and dtype: roles batch together
     assert other is not first
     assert build_completion_model(EndpointConfig(kind="embedded")) is not first  # no global cache
+
+
+def test_the_critic_tells_its_engine_what_logprobs_to_return() -> None:
+    """The critic's ``logprobs`` becomes its in-process engine's mode; by default (raw) the
+    policy shares the critic's engine, a critic asking for processed logprobs gets its own."""
+    from critloop.agent.critic import CriticConfig
+
+    policy, critic = build_completion_models(EndpointConfig(kind="embedded"), CriticConfig(kind="embedded"))
+    assert policy is critic and isinstance(critic, TransformersEngine) and critic.logprobs_mode == "raw"
+    policy, critic = build_completion_models(
+        EndpointConfig(kind="embedded"), CriticConfig(kind="embedded", logprobs="processed")
+    )
+    assert policy is not critic
+    assert isinstance(critic, TransformersEngine) and critic.logprobs_mode == "processed"

@@ -17,17 +17,26 @@ from critloop.agent.critic_protocol import (
     OUTPUT_STOP,
     VERIFY_PREFIX,
 )
-from critloop.agent.verdict import segment_after
+from critloop.agent.verdict import Segment, reward_for, segment_after
 from critloop.errors import BudgetExceededError, ModelEndpointError
 from critloop.sandbox import SandboxPool, Session
 from critloop.tools.chat_template import ChatTemplate
-from critloop.tools.completion import CompletionResult, ModelUsage, SamplingParams
+from critloop.tools.completion import CompletionResult, ModelUsage, SamplingParams, TokenLogprob, TopLogprob
 from critloop.tools.fakes import ScriptedCompletionModel, scripted_tokens
 
 PROBLEM = "What is 2 + 3 * 4?"
 STEPS = ["First, 3 * 4 = 12.", "Then 2 + 12 = 15.", "The answer is \\boxed{15}."]
-YES = math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4))
-NO = math.exp(-1.8) / (math.exp(-1.8) + math.exp(-0.2))
+T = 0.6  # the critic's default temperature; its default logprobs are raw
+
+
+def after_temperature(lp_yes: float, lp_no: float, t: float = T) -> float:
+    """P(Yes) / (P(Yes) + P(No)) of the distribution at temperature t, from raw logprobs."""
+    p_yes, p_no = math.exp(lp_yes / t), math.exp(lp_no / t)
+    return p_yes / (p_yes + p_no)
+
+
+YES = after_temperature(-0.1, -2.4)  # the scripted model's Yes token: {"Yes": -0.1, "No": -2.4}
+NO = after_temperature(-1.8, -0.2)
 
 
 def critic(model, template, pool, **options) -> GenPRMCritic:  # type: ignore[no-untyped-def]
@@ -310,8 +319,64 @@ async def test_the_missing_alternative_takes_the_smallest_top_logprob(
     model = scripted_genprm({})
     model.alternatives = {"Yes": {"Yes": -0.5, "Maybe": -1.0, "Perhaps": -3.0}}
     report = await critic(model, template, local_pool).critique(PROBLEM, STEPS[:1])
-    expected = math.exp(-0.5) / (math.exp(-0.5) + math.exp(-3.0))
-    assert math.isclose(report.rewards[0], expected)
+    assert math.isclose(report.rewards[0], after_temperature(-0.5, -3.0))
+    assert report.step_reports[0].chains[0].reward_source == "logprobs_bound"
+
+
+def _decision(lp_yes: float, lp_no: float, verdict: str = "Yes") -> list[Segment]:
+    """The segments of a critique ending in \\boxed{<verdict>}, the verdict token with both answers
+    among its top logprobs."""
+    top = (TopLogprob(token="Yes", logprob=lp_yes), TopLogprob(token="No", logprob=lp_no))
+    chosen = lp_yes if verdict == "Yes" else lp_no
+    head = "**Judgement**: $\\boxed{"
+    return [
+        Segment(0, head, ()),
+        Segment(len(head), verdict, (TokenLogprob(token=verdict, logprob=chosen, top=top),)),
+        Segment(len(head) + len(verdict), "}$", ()),
+    ]
+
+
+@pytest.mark.parametrize("t", [0.6, 0.7, 1.0])
+@pytest.mark.parametrize(
+    ("lp_yes", "lp_no", "verdict"), [(-0.1, -2.4, "Yes"), (-1.8, -0.2, "No"), (-0.7, -0.69, "No")]
+)
+def test_raw_logprobs_give_the_ratio_after_temperature(
+    t: float, lp_yes: float, lp_no: float, verdict: str
+) -> None:
+    """From raw logprobs and the sampling temperature, the reward is P(Yes)/(P(Yes)+P(No)) of the
+    distribution after temperature, to 1e-9; processed logprobs give the plain ratio."""
+    segments = _decision(lp_yes, lp_no, verdict)
+    offset = segments[1].start
+    word = verdict.lower()
+    raw, source = reward_for(word, offset, segments, temperature=t)  # type: ignore[arg-type]
+    assert source == "logprobs"
+    assert abs(raw - after_temperature(lp_yes, lp_no, t)) < 1e-9
+    processed, _ = reward_for(word, offset, segments)  # type: ignore[arg-type]
+    assert abs(processed - math.exp(lp_yes) / (math.exp(lp_yes) + math.exp(lp_no))) < 1e-9
+
+
+def test_greedy_raw_rewards_and_masked_answers_are_defined() -> None:
+    """T = 0: the reward is 1 or 0 (0.5 on a tie); an answer masked to -inf gives exactly 1 or 0."""
+    segments = _decision(-0.1, -2.4)
+    assert reward_for("yes", segments[1].start, segments, temperature=0)[0] == 1.0
+    tie = _decision(-0.5, -0.5)
+    assert reward_for("yes", tie[1].start, tie, temperature=0)[0] == 0.5
+    masked = _decision(-0.01, -math.inf)
+    assert reward_for("yes", masked[1].start, masked, temperature=0.6) == (1.0, "logprobs")
+
+
+async def test_processed_logprobs_from_the_config_give_the_plain_ratio(
+    template: ChatTemplate, local_pool: SandboxPool
+) -> None:
+    model = scripted_genprm({})
+    report = await critic(model, template, local_pool, logprobs="processed").critique(PROBLEM, STEPS[:1])
+    assert math.isclose(report.rewards[0], math.exp(-0.1) / (math.exp(-0.1) + math.exp(-2.4)))
+
+
+def test_a_number_for_logprobs_names_the_new_keys() -> None:
+    with pytest.raises(ValueError, match="top_logprobs"):
+        CriticConfig(logprobs=20)  # type: ignore[arg-type]
+    assert CriticConfig(top_logprobs=5).logprobs == "raw"
 
 
 @pytest.mark.parametrize(
@@ -340,7 +405,8 @@ async def test_model_text_never_raises(
         if reward is not None:
             assert chain.reward == reward
         else:
-            assert 0.0 < chain.reward < 1.0 and chain.reward_source in ("logprobs", "hard_label")
+            assert 0.0 < chain.reward < 1.0
+            assert chain.reward_source in ("logprobs", "logprobs_bound", "hard_label")
     report.model_dump_json()  # the report is always serialisable
 
 

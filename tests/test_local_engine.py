@@ -55,13 +55,31 @@ async def test_mixed_parameters_in_one_batch(engine: TransformersEngine) -> None
     assert long_.choices[0].text.startswith(short.choices[0].text)
 
 
-async def test_processed_logprobs_follow_the_temperature(engine: TransformersEngine) -> None:
+async def test_raw_logprobs_ignore_the_temperature_and_processed_ones_follow_it(
+    engine: TransformersEngine,
+) -> None:
+    """The default (raw, as vLLM's default) is the model's own distribution at any temperature;
+    ``processed`` is the distribution after temperature: the two agree through the rescaling
+    the critic does, exp(lp / T) normalised."""
+    import math
+
     prompt = _prompts(engine)[0]
-    cold = await engine.complete(prompt, SamplingParams(max_tokens=1, temperature=0.5, logprobs=3, seed=0))
-    hot = await engine.complete(prompt, SamplingParams(max_tokens=1, temperature=2.0, logprobs=3, seed=0))
-    assert cold.choices[0].tokens and hot.choices[0].tokens
-    # A sharper distribution at low temperature: the top token is more likely there.
-    assert cold.choices[0].tokens[0].top[0].logprob > hot.choices[0].tokens[0].top[0].logprob
+
+    async def top(t: float) -> dict[int | None, float]:
+        params = SamplingParams(max_tokens=1, temperature=t, logprobs=5, seed=0)
+        (token,) = (await engine.complete(prompt, params)).choices[0].tokens or ()
+        return {alt.id: alt.logprob for alt in token.top[:5]}  # (the sampled token may follow)
+
+    assert engine.logprobs_mode == "raw"
+    cold, hot = await top(0.5), await top(2.0)
+    assert cold == hot
+    engine.logprobs_mode = "processed"
+    try:
+        sharp = await top(0.5)
+    finally:
+        engine.logprobs_mode = "raw"
+    (a, b) = list(sharp)[:2]
+    assert math.isclose(sharp[a] - sharp[b], (cold[a] - cold[b]) / 0.5, rel_tol=1e-4)
 
 
 async def test_too_many_samples_is_a_clear_error(engine: TransformersEngine) -> None:

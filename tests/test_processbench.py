@@ -217,6 +217,15 @@ def test_eval_refuses_counts_out_of_range(tmp_path: Path, option: list[str]) -> 
     assert f"Invalid value for '{option[0]}'" in done.stderr
 
 
+def test_eval_refuses_an_unknown_logprob_mode_before_reading_data(tmp_path: Path) -> None:
+    missing = tmp_path / "does_not_exist.json"
+    done = CliRunner().invoke(
+        app, ["eval", "processbench", "--data", str(missing), "--critic-logprobs", "soft"]
+    )
+    assert done.exit_code == 2
+    assert "--critic-logprobs must be raw or processed, not 'soft'" in done.stderr
+
+
 def test_eval_without_data_and_without_a_hub_says_to_pass_data(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(

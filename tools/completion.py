@@ -11,6 +11,7 @@ __all__ = [
     "CompletionModel",
     "CompletionResult",
     "FinishReason",
+    "LogprobsMode",
     "ModelUsage",
     "SamplingParams",
     "TokenLogprob",
@@ -19,6 +20,11 @@ __all__ = [
 
 FinishReason = Literal["stop", "length"]
 """``stop``: a stop string or the end-of-sequence token ended the text. ``length``: max_tokens."""
+
+LogprobsMode = Literal["raw", "processed"]
+"""What a server's logprobs are. ``raw``: of the model's own logits, before any penalty or
+temperature (vLLM's default, and llama.cpp's). ``processed``: after them (vLLM's
+``--logprobs-mode processed_logprobs``, which also masks what top-k and top-p cut)."""
 
 
 class SamplingParams(BaseModel):

@@ -104,7 +104,7 @@ def build_completion_models(*configs: EndpointConfig) -> list[CompletionModel]:
     """The completion models the endpoints describe, in order (the caller owns them). Endpoints
     on the same in-process model, device and dtype share one engine, so that roles served by one
     model batch together."""
-    engines: dict[tuple[str, str, str], CompletionModel] = {}
+    engines: dict[tuple[str, str, str, str], CompletionModel] = {}
     models: list[CompletionModel] = []
     for config in configs:
         if config.kind == "openai":
@@ -124,8 +124,13 @@ def build_completion_models(*configs: EndpointConfig) -> list[CompletionModel]:
             continue
         from critloop.tools.local_engine import TransformersEngine
 
-        key = (config.model, config.device, config.dtype)
+        # The critic's table says what its logprobs must be (``raw`` unless told otherwise); the
+        # other roles read none, so they share its engine.
+        mode = getattr(config, "logprobs", "raw")
+        key = (config.model, config.device, config.dtype, mode)
         if key not in engines:
-            engines[key] = TransformersEngine(config.model, device=config.device, dtype=config.dtype)
+            engines[key] = TransformersEngine(
+                config.model, device=config.device, dtype=config.dtype, logprobs_mode=mode
+            )
         models.append(engines[key])
     return models

@@ -17,13 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from critloop.errors import ConfigError, CritloopError
 from critloop.tools._stops import find_stop
 from critloop.tools.completion import (
     Completion,
     CompletionResult,
+    LogprobsMode,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -32,10 +33,6 @@ from critloop.tools.completion import (
 __all__ = ["LogprobsMode", "TransformersEngine"]
 
 logger = logging.getLogger("critloop.models")
-
-LogprobsMode = Literal["processed", "raw"]
-"""``processed``: logprobs after the repetition penalty and temperature (what GenPRM's reference
-numbers used; vLLM's ``--logprobs-mode processed_logprobs``). ``raw``: of the model's logits."""
 
 
 @dataclass
@@ -82,7 +79,7 @@ class TransformersEngine:
         device: str = "auto",
         dtype: str = "auto",
         max_batch_rows: int = 64,
-        logprobs_mode: LogprobsMode = "processed",
+        logprobs_mode: LogprobsMode = "raw",
         name: str | None = None,
     ) -> None:
         self.model_ref = model

@@ -13,6 +13,7 @@ from rich.table import Table
 from critloop.cli._common import ConfigOption, choices_help, console, err, one_of
 from critloop.errors import ConfigError
 from critloop.graphs.processbench import SPLITS, Split
+from critloop.tools.completion import LogprobsMode
 
 if TYPE_CHECKING:
     from critloop.graphs.processbench import ProcessBenchRecord
@@ -39,6 +40,9 @@ def eval_processbench(
         Path, typer.Option(help="Per-sample results (JSONL); ids already in it are skipped.")
     ] = Path("results/processbench.jsonl"),
     concurrency: Annotated[int, typer.Option(min=1, help="Solutions critiqued at once.")] = 8,
+    critic_logprobs: Annotated[
+        str | None, typer.Option(help=f"What the critic server's logprobs are: {choices_help(LogprobsMode)}.")
+    ] = None,
 ) -> None:
     """Run the critic on ProcessBench and print error / correct accuracy and F1 per split."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -49,8 +53,9 @@ def eval_processbench(
     from critloop.sandbox import SandboxPool
 
     wanted_split = one_of("--split", split, Split, "all")
+    logprobs = None if critic_logprobs is None else one_of("--critic-logprobs", critic_logprobs, LogprobsMode)
+    cfg = load_config(config, {"critic.logprobs": logprobs})
     records = _processbench_records(data, wanted_split, limit)
-    cfg = load_config(config)
 
     async def run() -> None:
         async with SandboxPool(cfg.sandbox) as pool:

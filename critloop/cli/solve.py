@@ -17,6 +17,7 @@ from critloop.cli._solve_view import SolveView
 from critloop.errors import ConfigError, CritloopError
 from critloop.graphs.events import DoneEvent
 from critloop.sandbox.config import SandboxBackendName
+from critloop.tools.completion import LogprobsMode
 
 if TYPE_CHECKING:
     from critloop.graphs.result import SolveResult
@@ -40,6 +41,9 @@ def solve(
     ] = None,
     critic_model: Annotated[str | None, typer.Option(help="The critic's model name or path.")] = None,
     critic_profile: Annotated[str | None, typer.Option(help=choices_help(CriticProfile))] = None,
+    critic_logprobs: Annotated[
+        str | None, typer.Option(help=f"What the critic server's logprobs are: {choices_help(LogprobsMode)}.")
+    ] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Critique chains per solution (Maj@N).")] = None,
     max_rounds: Annotated[int | None, typer.Option(min=0, help="Refinement rounds at most.")] = None,
     max_tokens: Annotated[
@@ -69,6 +73,9 @@ def solve(
         "critic.model": critic_model,
         # The config checks the profile, and names its key when it is wrong.
         "critic.profile": critic_profile,
+        "critic.logprobs": None
+        if critic_logprobs is None
+        else one_of("--critic-logprobs", critic_logprobs, LogprobsMode),
         "critic.samples": samples,
         "budget.max_rounds": max_rounds,
         "budget.max_tokens": max_tokens,
