@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from critloop.errors import ConfigError
-from critloop.tools.completion import CompletionModel, SamplingParams
+from critloop.tools.completion import CompletionModel, LogprobsMode, SamplingParams
 from critloop.tools.embedded import DEFAULT_EMBEDDED_MODEL
 
 __all__ = ["EndpointConfig", "EndpointKind", "build_completion_model", "build_completion_models"]
@@ -126,7 +126,7 @@ def build_completion_models(*configs: EndpointConfig) -> list[CompletionModel]:
 
         # The critic's table says what its logprobs must be (``raw`` unless told otherwise); the
         # other roles read none, so they share its engine.
-        mode = getattr(config, "logprobs", "raw")
+        mode: LogprobsMode = getattr(config, "logprobs", "raw")
         key = (config.model, config.device, config.dtype, mode)
         if key not in engines:
             engines[key] = TransformersEngine(
