@@ -53,14 +53,20 @@ _TRUNCATION_MARKER = "\n[... output truncated: {n} more bytes not shown ...]\n"
 # --------------------------------------------------------------------------- helpers
 
 
+def _libc():
+    """The C library, with errno kept for ``ctypes.get_errno()``."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _prctl(option: int, value: int = 0) -> bool:
     """prctl(2) with the unused arguments zero (as full words: some options insist)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
         zero = ctypes.c_ulong(0)
-        return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
+        return _libc().prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
     except Exception:  # noqa: BLE001 - prctl is best effort (non-Linux, no ctypes)
         return False
 
@@ -82,7 +88,7 @@ def _collapse_heap() -> int:
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()
@@ -408,12 +414,6 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 2, 4, 8, 32
 _SLOT_INODES = 4096  # files and folders one session may hold: bounds the clean-up at close
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> str | None:
@@ -1171,7 +1171,11 @@ class Supervisor:
         parent = self._session(msg)
         new_sid = self._new_id(msg, "new_session")
         new_dir = self.homes.take(new_sid, parent.uid)  # a snapshot shares its session's uid
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self.homes.give_back(new_dir)
+            raise
         try:
             _send_frame(parent.sock, {"op": "fork", "session_dir": new_dir}, [theirs.fileno()])
         except OSError:
@@ -1230,7 +1234,11 @@ class Supervisor:
     def _spawn(self, sid: str) -> _Session:
         uid = next(self.uids) if self.isolation["uid_per_session"] else None
         session_dir = self.homes.take(sid, uid)
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self.homes.give_back(session_dir)
+            raise
         for attempt in range(400):
             try:
                 pid = os.fork()
@@ -1587,7 +1595,7 @@ def main() -> None:
         # Before anything else, while nothing has been read from the client.
         homes, isolation = _lock_down(
             root,
-            slots=int(os.environ.get("CRITLOOP_SLOTS", "64")),
+            slots=int(os.environ.get("CRITLOOP_SLOTS", "256")),  # max_sessions_per_kernel's default
             slot_mb=int(os.environ.get("CRITLOOP_SLOT_MB", "16")),
         )
         if not isolation["uid_per_session"]:

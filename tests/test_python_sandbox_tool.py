@@ -133,13 +133,22 @@ def test_state_outlives_the_thread_that_made_the_first_call() -> None:
     outputs: list[str] = []
     try:
         for code in ("g = 'kept'", "g += '!'"):
-            thread = threading.Thread(target=lambda code=code: outputs.append(tool.invoke({"code": code})))
-            thread.start()
-            thread.join(timeout=120)
+            _run_together(
+                [threading.Thread(target=lambda code=code: outputs.append(tool.invoke({"code": code})))]
+            )
         assert outputs == ["", ""]
         assert tool.invoke({"code": "print(g)"}) == "kept!"
     finally:
         tool.close()
+
+
+def _run_together(threads: list[threading.Thread]) -> None:
+    """Start the threads, wait for them (bounded), and insist that none is left running."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
 
 
 def _count_code(tag: str, k: int) -> str:
@@ -159,12 +168,7 @@ def test_two_threads_invoking_at_once_both_get_their_answers(local_tool: PythonS
             if out != f"{tag} {k}":
                 wrong.append((tag, k, out))
 
-    threads = [threading.Thread(target=caller, args=(tag,)) for tag in ("left", "right")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads)
+    _run_together([threading.Thread(target=caller, args=(tag,)) for tag in ("left", "right")])
     assert wrong == []
     assert local_tool.invoke({"code": "print(count_d)"}) == str(2 * calls)
 
@@ -200,11 +204,7 @@ def test_sync_and_async_callers_in_several_threads_at_once() -> None:
         threading.Thread(target=async_caller, args=("loop2",)),
     ]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert not any(thread.is_alive() for thread in threads)
+        _run_together(threads)
         assert wrong == []
         assert tool.invoke({"code": "print(count_d)"}) == str(3 * calls)
     finally:
