@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from critloop.sandbox import SandboxPool, Session
 
 if TYPE_CHECKING:
-    from critloop.agent._critique import ChainCritique
+    from critloop.agent._critique import ChainCritique, StepCritique
 
 __all__ = ["Chain"]
 
@@ -24,6 +24,8 @@ class Chain:
 
     def __init__(self) -> None:
         self.critiques: list[ChainCritique] = []
+        self.draft: StepCritique | None = None
+        """The critique of the next step as a lower tier of the cascade left it."""
         self.session: Session | None = None
         # A session still opening: it opens while the first analysis is generated, off the
         # critical path, and is awaited only when the critique first runs code.
@@ -76,6 +78,7 @@ class Chain:
                 steps; None leaves the chain without a session.
         """
         del self.critiques[keep:]
+        self.draft = None
         if keep in self.unforked:
             # The working session has run no code since that step: it is the state wanted.
             del self.snapshots[keep + 1 :]

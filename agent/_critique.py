@@ -5,6 +5,9 @@ The critique opens with the analysis (``<analyze>``). With code verification, ve
 fed back after ``[Code Output]``, until the critic writes its judgement (``<output>``). Without
 code verification the judgement follows the analysis directly. When the limits are hit or no
 judgement was written, the judgement is forced from the analysis alone.
+
+A critique can also stop short of the full protocol (its *tier*, for the critic's cascade): a
+direct judgement with no analysis, or an analysis and the judgement without code.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,9 +42,16 @@ if TYPE_CHECKING:
     from critloop.agent.budget import UsageMeter
     from critloop.agent.critic import GenPRMCritic
 
-__all__ = ["ChainCritique", "CodeRun", "StepCritique"]
+__all__ = ["TIERS", "ChainCritique", "CodeRun", "CritiqueTier", "StepCritique"]
 
 _CODE_BLOCK = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
+
+CritiqueTier = Literal["direct", "analysis", "code"]
+"""How far a critique went before its judgement. ``direct``: the judgement at once, with no
+analysis; ``analysis``: an analysis, then the judgement; ``code``: an analysis, code verification
+in the sandbox, then the judgement (the full GenPRM protocol)."""
+TIERS: tuple[CritiqueTier, ...] = get_args(CritiqueTier)
+"""The tiers from the cheapest to the full protocol."""
 
 
 class CodeRun(BaseModel):
@@ -69,40 +79,39 @@ class ChainCritique(BaseModel):
     """The limits were hit and the judgement was forced from the analysis alone."""
     code_runs: tuple[CodeRun, ...] = ()
     usage: ModelUsage = ModelUsage()
+    """Everything this chain spent on the step, lower tiers of the cascade included."""
+    tier: CritiqueTier = "code"
+    """How far the critique went (:data:`CritiqueTier`); ``code`` is the full protocol, the only
+    tier without the cascade (``analysis`` when the critic has no sandbox)."""
 
 
 class StepCritique:
     """One chain's critique of one step as it is written: the prompt, the critique so far, the
     generated segments (for the reward's logprobs), its running token count and its usage.
 
-    Run the stages in the protocol's order: :meth:`analyze`; then, if the analysis closed,
+    :meth:`write` writes it up to a tier and returns the chain's :class:`ChainCritique`; called
+    again with a higher tier, it goes on from what it wrote (the usage adds up). Underneath, the
+    stages run in the protocol's order: :meth:`analyze`; then, if the analysis closed,
     :meth:`verify` when :attr:`verifies`, else :meth:`judge`; then :meth:`force_judgement`
-    unless :attr:`judged`. :meth:`result` is the chain's :class:`ChainCritique`.
+    unless :attr:`judged`.
 
     Args:
         critic: the critic whose model, template and options write the critique.
         problem: the problem.
         steps: the solution's steps; the step critiqued is the first one the chain has not.
         chain: the chain: its earlier critiques (the conversation so far) and its sandbox.
-        meter: checked before every model call and charged after it; None: no budget.
     """
 
-    def __init__(
-        self,
-        critic: GenPRMCritic,
-        problem: str,
-        steps: Sequence[str],
-        chain: Chain,
-        *,
-        meter: UsageMeter | None = None,
-    ) -> None:
+    def __init__(self, critic: GenPRMCritic, problem: str, steps: Sequence[str], chain: Chain) -> None:
         self._started = time.perf_counter()
         self._critic = critic
         self._config = critic.config
         self._chain = chain
-        self._meter = meter
+        self._meter: UsageMeter | None = None
         self.paragraph = len(chain.critiques) + 1
         """The step's number in the protocol (1-based)."""
+        self.subject = (problem, tuple(steps[: self.paragraph]))
+        """The problem and the steps up to this one: what the critique is about."""
         self.prompt = critic.template.render(
             conversation(
                 problem,
@@ -112,14 +121,22 @@ class StepCritique:
                 first_step_format=self._config.first_step_format,
             )
         )
+        self.usage = ModelUsage()
+        self.tier: CritiqueTier | None = None
+        """The tier written so far; None before :meth:`write`."""
+        self._restart()
+
+    def _restart(self) -> None:
+        """Forget the critique written so far (its usage stays counted)."""
         self.text = ""
         """The critique so far (the model continues ``prompt + text``)."""
         self.segments: list[Segment] = []
         self.tokens = 0
         """Tokens of the critique so far: a running sum of the model's own counts and ours of
         the text the protocol inserts, rather than re-tokenizing the growing text."""
-        self.usage = ModelUsage()
         self.analysis = ""
+        self.analysed: tuple[str, int, int] | None = None
+        """The critique right after a closed analysis: its text, segment count and tokens."""
         self.code_runs: list[CodeRun] = []
         self.judged = False
         """The critique holds its judgement (no forced judgement needed)."""
@@ -130,6 +147,49 @@ class StepCritique:
         """Whether the critique verifies with code (code rounds allowed, and a sandbox)."""
         return self._config.code_rounds > 0 and self._chain.has_sandbox
 
+    async def write(self, tier: CritiqueTier, *, meter: UsageMeter | None = None) -> ChainCritique:
+        """Write the critique up to ``tier`` and return it.
+
+        ``direct`` writes the judgement at once. ``analysis`` writes an analysis, then the
+        judgement. ``code`` writes the full protocol; after an ``analysis`` tier it keeps that
+        analysis and goes on with the code verification (a critique whose analysis did not
+        close stays the forced judgement it was). Without :attr:`verifies`, ``code`` is
+        ``analysis``.
+
+        Args:
+            tier: how far to go (:data:`CritiqueTier`).
+            meter: checked before every model call and charged after it; None: no budget.
+        """
+        self._meter = meter
+        if tier == "direct":
+            self._restart()
+            self.tier = "direct"
+            # Not counted: no limit of the critique applies to a judgement alone.
+            self.text = OUTPUT_PREFIX
+            await self._generate(stop=(OUTPUT_STOP,), max_tokens=self._config.forced_judgement_tokens)
+            self.judged = True
+            return self.result()
+        if self.tier == "analysis" and self.analysed is not None:
+            self.text, segments, self.tokens = self.analysed
+            del self.segments[segments:]
+            self.judged = False
+            closed = True
+        elif self.tier == "analysis":
+            return self.result()  # the analysis did not close: no tier can add to the forced judgement
+        else:
+            self._restart()
+            closed = await self.analyze()
+        self.tier = "analysis"
+        if closed:
+            if tier == "code" and self.verifies:
+                self.tier = "code"
+                await self.verify()
+            else:
+                await self.judge()
+        if not self.judged:
+            await self.force_judgement()
+        return self.result()
+
     async def analyze(self) -> bool:
         """The ``<analyze>`` stage. Returns whether the analysis closed (if not, only a forced
         judgement can follow)."""
@@ -139,7 +199,10 @@ class StepCritique:
         # stretch, with top-k alternatives each) would be parsed only to be dropped.
         analysis = await self._generate(stop=(ANALYZE_STOP,), max_tokens=max(1, left), logprobs=False)
         self.analysis = analysis.text
-        return analysis.stop == ANALYZE_STOP
+        if analysis.stop != ANALYZE_STOP:
+            return False
+        self.analysed = (self.text, len(self.segments), self.tokens)
+        return True
 
     async def verify(self) -> None:
         """The ``<verify>`` stage: up to ``code_rounds`` rounds, each generating until a Python
@@ -199,6 +262,7 @@ class StepCritique:
             forced=self.forced,
             code_runs=tuple(self.code_runs),
             usage=self.usage.model_copy(update={"seconds": time.perf_counter() - self._started}),
+            tier=self.tier or "code",
         )
 
     def _insert(self, piece: str) -> None:

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from critloop.agent._chain import Chain
-from critloop.agent._critique import ChainCritique, CodeRun, StepCritique
+from critloop.agent._critique import TIERS, ChainCritique, CodeRun, CritiqueTier, StepCritique
 from critloop.agent.budget import UsageMeter
 from critloop.agent.critic_protocol import DEFAULT_FIRST_STEP_FORMAT, CriticProfile
 from critloop.errors import ConfigError
@@ -35,6 +35,7 @@ __all__ = [
     "CriticConfig",
     "CritiqueReport",
     "CritiqueRun",
+    "CritiqueTier",
     "GenPRMCritic",
     "ScanMode",
     "StepReport",
@@ -79,6 +80,13 @@ class CriticConfig(EndpointConfig):
     code_timeout_seconds: float = Field(default=5.0, gt=0)
     max_code_output_chars: int = Field(default=2000, ge=100)
     """Code output shown to the critic is cut to this (with a marker)."""
+    cascade: bool = False
+    """Critique each step in tiers, the cheapest first (the authors' adaptive evaluation): a
+    direct judgement; if the step's mean reward is not within ``tau`` of 0 or 1, an analysis and
+    the judgement; if still not, code verification continuing that analysis. The step's report
+    names the tier that decided (:data:`CritiqueTier`)."""
+    tau: float = Field(default=0.1, gt=0, le=0.5)
+    """The cascade stops at a tier whose mean reward is below ``tau`` or above ``1 - tau``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +122,9 @@ class StepReport(BaseModel):
     chains: tuple[ChainCritique, ...]
     reused: bool = False
     """Carried over from an earlier critique of the same prefix (no model call)."""
+    tier: CritiqueTier = "code"
+    """The tier that decided the step: the furthest any chain's critique went (without the
+    cascade, the full protocol: ``code``, or ``analysis`` with no sandbox)."""
 
 
 class CritiqueReport(BaseModel):
@@ -173,6 +184,13 @@ class GenPRMCritic:
         self.no_ids = frozenset(_word_ids(tokenizer, "No"))
         """Token ids of the decision word ``No``."""
 
+    @property
+    def tiers(self) -> tuple[CritiqueTier, ...]:
+        """The tiers a step's critique goes through until one decides: the full protocol alone
+        or, with the cascade, ``direct``, ``analysis`` and (with code verification) ``code``."""
+        top: CritiqueTier = "code" if self.config.code_rounds > 0 and self.sandbox is not None else "analysis"
+        return TIERS[: TIERS.index(top) + 1] if self.config.cascade else (top,)
+
     @classmethod
     def from_config(cls, config: CriticConfig, sandbox: SandboxPool | None) -> GenPRMCritic:
         from critloop.tools.endpoint import build_completion_model
@@ -218,7 +236,13 @@ class GenPRMCritic:
         return report
 
     async def critique_step(
-        self, problem: str, steps: Sequence[str], chain: Chain, *, meter: UsageMeter | None = None
+        self,
+        problem: str,
+        steps: Sequence[str],
+        chain: Chain,
+        *,
+        tier: CritiqueTier = "code",
+        meter: UsageMeter | None = None,
     ) -> ChainCritique:
         """One chain's critique of the next step: the first of ``steps`` that ``chain`` has not
         critiqued. The stages follow the GenPRM protocol.
@@ -226,18 +250,20 @@ class GenPRMCritic:
         Args:
             problem: the problem.
             steps: the solution's steps.
-            chain: the chain: its earlier critiques and its sandbox session.
+            chain: the chain: its earlier critiques, its sandbox session, and its draft of this
+                step from a lower tier, which a higher ``tier`` continues.
+            tier: how far the critique goes (:data:`CritiqueTier`); the full protocol by default.
             meter: checked before every model call and charged after it; None: no budget.
         """
-        step = StepCritique(self, problem, steps, chain, meter=meter)
-        if await step.analyze():
-            if step.verifies:
-                await step.verify()
-            else:
-                await step.judge()
-        if not step.judged:
-            await step.force_judgement()
-        return step.result()
+        draft = chain.draft
+        if (
+            draft is None
+            or draft.tier is None
+            or TIERS.index(draft.tier) >= TIERS.index(tier)
+            or draft.subject != (problem, tuple(steps[: len(chain.critiques) + 1]))
+        ):
+            draft = chain.draft = StepCritique(self, problem, steps, chain)
+        return await draft.write(tier, meter=meter)
 
 
 class CritiqueRun:
@@ -332,7 +358,7 @@ class CritiqueRun:
         steps = list(steps)
         if not steps:
             raise ValueError("a solution needs at least one step to critique")
-        critic, cfg = self.critic, self.critic.config
+        cfg = self.critic.config
         n = samples or cfg.samples
         if len(self._chains) != n:
             await self.aclose()
@@ -355,11 +381,10 @@ class CritiqueRun:
         for index in range(start, len(steps)):
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
-            critiques = await all_or_nothing(
-                [critic.critique_step(self.problem, steps, chain, meter=meter) for chain in self._chains]
-            )
+            critiques = await self._critique_step(steps, meter)
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
+                chain.draft = None
             reward = sum(c.reward for c in critiques) / len(critiques)
             verdicts = {v: sum(c.verdict == v for c in critiques) for v in ("yes", "no", "none")}
             step_report = StepReport(
@@ -368,6 +393,7 @@ class CritiqueRun:
                 flagged=reward < cfg.threshold,
                 verdicts=verdicts,
                 chains=tuple(critiques),
+                tier=max((c.tier for c in critiques), key=TIERS.index),
             )
             # A first-error scan stops at a flagged step, and a rewrite starts at that step or
             # before it: the state after it is never a rewind's target.
@@ -390,16 +416,45 @@ class CritiqueRun:
             usage=usage,
         )
 
+    async def _critique_step(self, steps: Sequence[str], meter: UsageMeter | None) -> list[ChainCritique]:
+        """Every chain's critique of the next step: at the critic's first tier whose mean reward
+        is within ``tau`` of 0 or 1, else at its last (the full protocol)."""
+        critic, tau = self.critic, self.critic.config.tau
+        tiers = critic.tiers
+        for tier in tiers:
+            if tier == "code":
+                for chain in self._chains:
+                    if not chain.has_sandbox:
+                        self._open(chain)
+            critiques = await all_or_nothing(
+                [
+                    critic.critique_step(self.problem, steps, chain, tier=tier, meter=meter)
+                    for chain in self._chains
+                ]
+            )
+            reward = sum(c.reward for c in critiques) / len(critiques)
+            if min(reward, 1.0 - reward) < tau:
+                break
+        return critiques
+
     async def _prepare(self, chain: Chain, keep: int) -> None:
-        """Make the chain's history and sandbox match the first ``keep`` steps."""
-        sandbox = self.critic.sandbox
+        """Make the chain's history and sandbox match the first ``keep`` steps. With the cascade,
+        a chain's session opens only when a step first needs code (:meth:`_critique_step`)."""
+        sandbox, cfg = self.critic.sandbox, self.critic.config
         if len(chain.critiques) > keep or (chain.session is None and chain.snapshots):
-            await chain.rewind(keep, sandbox)
-        if sandbox is None or self.critic.config.code_rounds == 0 or chain.has_sandbox:
+            await chain.rewind(keep, None if cfg.cascade else sandbox)
+        if cfg.cascade or sandbox is None or cfg.code_rounds == 0 or chain.has_sandbox:
             return
-        if self.keep_snapshots and not chain.snapshots:
-            chain.snapshots.append(None)  # the state after no step: a fresh session
-        chain.open(sandbox)
+        self._open(chain)
+
+    def _open(self, chain: Chain) -> None:
+        """Start opening the chain's working session, fresh."""
+        assert self.critic.sandbox is not None
+        if self.keep_snapshots:
+            # The state after each step so far is a fresh session's: this chain has run no code
+            # since (or ever); None stands for it (a rewind opens a fresh session).
+            chain.snapshots.extend([None] * (len(chain.critiques) + 1 - len(chain.snapshots)))
+        chain.open(self.critic.sandbox)
 
     def _snapshot(self, chain: Chain, *, needed: bool) -> None:
         if self.keep_snapshots and chain.has_sandbox:

@@ -54,14 +54,16 @@ REWRITE_STEP_PROMPT = (
 """The refiner's turn in ``step`` mode."""
 
 _ANALYSIS = re.compile(r"<analyze>\s*(.*?)\s*(?:</analyze>|$)", re.DOTALL)
+_JUDGEMENT = re.compile(r"<output>.*?(?:</output>|$)", re.DOTALL)
 _LEAD_IN = re.compile(r"^Let's analyze the Paragraph \d+ step by step:\s*")
 
 
 def critique_analysis(critique: str) -> str:
     """The ``<analyze>`` text of a critique, without the protocol's lead-in (what the refiner is
-    shown), or the whole critique when it has no analysis block."""
+    shown), or the critique but its judgement when it has no analysis block (empty for a direct
+    judgement of the critic's cascade)."""
     match = _ANALYSIS.search(critique)
-    return _LEAD_IN.sub("", (match.group(1) if match else critique).strip())
+    return _LEAD_IN.sub("", (match.group(1) if match else _JUDGEMENT.sub("", critique)).strip())
 
 
 @dataclass(frozen=True, kw_only=True)

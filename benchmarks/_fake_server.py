@@ -16,16 +16,21 @@ writes code once and then says Yes would answer:
 * ``...```python\\n`` (verify)      -> ``print(3 * 4)\\n```\\n``;
 * ``[Code Output] ... ```\\n``      -> a comment, ``</verify>``, then
   ``<output>\\n**Judgement**: $\\boxed{Yes}$\\n</output>\\n``;
-* ``...\\boxed`` (forced judgement) -> ``{Yes}$\\n</output>\\n``;
+* ``...</analyze>\\n<output>...\\boxed`` (the judgement after the analysis alone: the cascade's
+  analysis tier, or a forced judgement) -> ``{Yes}$\\n</output>\\n``;
+* ``...\\boxed`` with no analysis before it (the cascade's direct judgement) -> the same;
 * a policy's prompt (it asks to reason step by step) -> a three-step solution ending in
   ``\\boxed{14}``, finished by end of sequence;
 * anything else                      -> a short generic answer (``finish_reason`` ``length``).
 
 Answers are vLLM-shaped: ``logprobs`` when asked for (``tokens``, ``token_logprobs``,
 ``top_logprobs``, ``text_offset``) that spell the text exactly, the ``Yes`` decision token with
-the alternatives ``{"Yes": -0.1, "No": -2.4}``, ``stop_reason`` naming the stop string, the stop
-string kept in the text only when ``include_stop_str_in_output`` is true, and ``usage``. The
-answers' JSON is
+the alternatives ``{"Yes": -0.1, "No": -2.4}`` (a sure Yes), or ``{"Yes": -0.6, "No": -0.9}``
+(unsure) for a direct judgement of a step that holds :data:`UNSURE_AT_A_GLANCE` or
+:data:`UNSURE_AFTER_ANALYSIS`, and for a judgement after the analysis alone of a step that holds
+the latter (so the critic's cascade decides such steps at its analysis and its code tier);
+``stop_reason`` naming the stop string, the stop string kept in the text only when
+``include_stop_str_in_output`` is true, and ``usage``. The answers' JSON is
 built once at start-up (per kind, with and without the stop string and logprobs), so a request costs the
 server one ``json.loads`` of the body and a few byte joins.
 
@@ -51,7 +56,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _process
 
 YES_ALTERNATIVES = {"Yes": -0.1, "No": -2.4}
+UNSURE_ALTERNATIVES = {"Yes": -0.6, "No": -0.9}
 TOKEN_LOGPROB = -0.05
+UNSURE_AT_A_GLANCE = "[unsure at a glance]"
+"""A step holding this gets an unsure direct judgement (and a sure one after its analysis)."""
+UNSURE_AFTER_ANALYSIS = "[unsure after analysis]"
+"""A step holding this gets unsure judgements without code (and a sure one after its code)."""
 
 ANALYSIS = (
     "The paragraph multiplies before it adds, as the order of operations requires, and the "
@@ -75,6 +85,9 @@ REPLIES: dict[str, tuple[str, str | None]] = {
     "verify": (CODE, "\n```\n"),
     "judgement": (JUDGEMENT, "</output>\n"),
     "forced": (FORCED, "</output>\n"),
+    "forced_unsure": (FORCED, "</output>\n"),
+    "direct": (FORCED, "</output>\n"),
+    "direct_unsure": (FORCED, "</output>\n"),
     "solve": (SOLUTION, EOS),
     "generic": (GENERIC, None),
 }
@@ -92,8 +105,15 @@ def tokens_of(text: str) -> list[str]:
     return pieces
 
 
+def _step_of(prompt: str) -> str:
+    """The step the prompt asks about: its last user turn (ChatML), else its tail."""
+    start = prompt.rfind("<|im_start|>user")
+    return prompt[start:] if start >= 0 else prompt[-4096:]
+
+
 def classify(prompt: str) -> str:
-    """Which stage of the GenPRM protocol a prompt asks for."""
+    """Which stage of the GenPRM protocol a prompt asks for (and, for a judgement without code,
+    whether the step is scripted as unsure there)."""
     if prompt.endswith("step by step: "):
         return "analyze"
     if prompt.endswith("```python\n"):
@@ -101,14 +121,25 @@ def classify(prompt: str) -> str:
     if prompt.endswith("```\n") and "[Code Output]" in prompt[-4096:]:
         return "judgement"
     if prompt.endswith("\\boxed"):
-        return "forced"
+        step = _step_of(prompt)
+        if prompt.endswith("</analyze>\n<output>\n**Judgement**: $\\boxed"):
+            return "forced_unsure" if UNSURE_AFTER_ANALYSIS in step else "forced"
+        unsure = UNSURE_AT_A_GLANCE in step or UNSURE_AFTER_ANALYSIS in step
+        return "direct_unsure" if unsure else "direct"
     if "Please reason step by step" in prompt[-1024:]:
         return "solve"
     return "generic"
 
 
-def choice_json(text: str, stop: str | None, *, include_stop: bool, logprobs: bool) -> tuple[bytes, int]:
-    """The JSON of one choice and its token count."""
+def choice_json(
+    text: str,
+    stop: str | None,
+    *,
+    include_stop: bool,
+    logprobs: bool,
+    alternatives: dict[str, float] = YES_ALTERNATIVES,
+) -> tuple[bytes, int]:
+    """The JSON of one choice and its token count (``alternatives``: the decision token's)."""
     if stop and not include_stop:
         text = text[: -len(stop)]
     tokens = tokens_of(text)
@@ -116,8 +147,8 @@ def choice_json(text: str, stop: str | None, *, include_stop: bool, logprobs: bo
     for token in tokens:
         if token.strip() == "Yes":
             lead = token[: len(token) - len(token.lstrip())]
-            values.append(YES_ALTERNATIVES["Yes"])
-            tops.append({lead + t: v for t, v in YES_ALTERNATIVES.items()})
+            values.append(alternatives["Yes"])
+            tops.append({lead + t: v for t, v in alternatives.items()})
         else:
             values.append(TOKEN_LOGPROB)
             tops.append({token: TOKEN_LOGPROB})
@@ -171,7 +202,11 @@ async def serve(host: str, port: int, announce: Any) -> None:
         for include in (False, True):
             for logprobs in (False, True):
                 canned[kind, include, logprobs] = choice_json(
-                    text, stop, include_stop=include, logprobs=logprobs
+                    text,
+                    stop,
+                    include_stop=include,
+                    logprobs=logprobs,
+                    alternatives=UNSURE_ALTERNATIVES if kind.endswith("_unsure") else YES_ALTERNATIVES,
                 )
     created = int(time.time())
 

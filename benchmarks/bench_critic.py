@@ -31,6 +31,16 @@ tokenizer, and a Docker :class:`SandboxPool` (2 kernels):
    critic adds per call: prompt building with the chat template, tokenizer counts, verdict and
    reward parsing, and the sandbox session (open, exec of the verify round, close).
 
+3. The cascade, a SIMULATION on the same fake server (100 ms per request): the same K x S x N
+   critiques, all at once, with the full protocol and with ``cascade = true``, on records whose
+   steps are scripted (markers the server reads) so that of every 8 steps 6 are sure at a glance,
+   1 after its analysis and 1 only after code. Per chain and step: model calls, prompt and
+   completion tokens, sandbox runs, sessions opened and forks; the share of steps each tier
+   decided; the wall time against each mode's critical path. The modes alternate over repeats,
+   medians reported.
+
+``--only concurrency|overhead|cascade`` runs one section.
+
 The server process is stopped and the sandbox pool closed at the end, even on error, Ctrl-C or
 SIGTERM. This is a benchmark, not a test: it exits 0 when a target is missed (the verdicts are
 printed), and 1 when a measurement failed.
@@ -62,7 +72,13 @@ from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _report
-from _fake_server import YES_ALTERNATIVES, FakeCriticServer, classify
+from _fake_server import (
+    UNSURE_AFTER_ANALYSIS,
+    UNSURE_AT_A_GLANCE,
+    YES_ALTERNATIVES,
+    FakeCriticServer,
+    classify,
+)
 from _machine import cpu_model as _cpu_model
 from _machine import mem_total_gib as _mem_total_gib
 from _machine import version as _version
@@ -79,9 +95,22 @@ ROUNDS = 3
 """Completion calls per step and chain with this server: analyze, verify (writes code), judgement."""
 POOL_SIZE = 2
 TARGETS = {"concurrent_vs_ideal": 1.3, "overhead_per_stage_ms": 2.0}
-EXPECTED_REWARD = math.exp(YES_ALTERNATIVES["Yes"]) / (
-    math.exp(YES_ALTERNATIVES["Yes"]) + math.exp(YES_ALTERNATIVES["No"])
-)
+TEMPERATURE = 0.6
+"""The critic's sampling temperature (GenPRM's); its logprobs are raw, so rewards rescale by it."""
+
+
+def _reward(alternatives: dict[str, float]) -> float:
+    """The reward of a Yes with these raw logprobs: P(Yes) / (P(Yes) + P(No)) after temperature."""
+    return 1.0 / (1.0 + math.exp((alternatives["No"] - alternatives["Yes"]) / TEMPERATURE))
+
+
+EXPECTED_REWARD = _reward(YES_ALTERNATIVES)
+CASCADE_PATTERN = ("direct",) * 6 + ("analysis", "code")
+"""The tier that decides each of 8 consecutive steps (counted through all the solutions) of the
+cascade section's records."""
+CASCADE_CALLS = {"direct": 1, "analysis": 3, "code": 5}
+"""Calls per chain of a step the tier decides: the direct judgement; then the analysis and its
+judgement; then the verify round (code) and the judgement after its output."""
 
 
 @dataclass(frozen=True)
@@ -100,15 +129,17 @@ class Plan:
     overhead_warmup: int
     bare_passes: int
     """Passes of bare complete() calls over the recorded prompts of one critique."""
+    cascade_repeats: int
+    """Runs of each mode in the cascade section (alternating)."""
 
 
 FULL = Plan(
     solutions=16, steps=8, chains=8, sequential_solutions=2, delay_ms=100.0,
-    overhead_steps=8, overhead_repeats=20, overhead_warmup=3, bare_passes=20,
+    overhead_steps=8, overhead_repeats=20, overhead_warmup=3, bare_passes=20, cascade_repeats=4,
 )  # fmt: skip
 QUICK = Plan(
     solutions=4, steps=4, chains=4, sequential_solutions=1, delay_ms=100.0,
-    overhead_steps=4, overhead_repeats=5, overhead_warmup=2, bare_passes=5,
+    overhead_steps=4, overhead_repeats=5, overhead_warmup=2, bare_passes=5, cascade_repeats=2,
 )  # fmt: skip
 
 
@@ -121,6 +152,7 @@ class Report:
     concurrency: dict[str, Any] = field(default_factory=dict)
     breakdown: dict[str, Any] = field(default_factory=dict)
     overhead: dict[str, Any] = field(default_factory=dict)
+    cascade: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
@@ -557,10 +589,16 @@ def event_summary(probe: Probe) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- section 1
 
 
-def _critic_config(model: OpenAICompletionModel, samples: int) -> CriticConfig:
+def _critic_config(model: OpenAICompletionModel, samples: int, *, cascade: bool = False) -> CriticConfig:
     """The critic's settings for a GenPRM checkpoint behind an OpenAI server (the exact protocol)."""
     return CriticConfig(
-        kind="openai", base_url=model.base_url, model=model.model, profile="genprm", samples=samples
+        kind="openai",
+        base_url=model.base_url,
+        model=model.model,
+        profile="genprm",
+        samples=samples,
+        temperature=TEMPERATURE,
+        cascade=cascade,
     )
 
 
@@ -913,6 +951,182 @@ async def bench_overhead(plan: Plan, report: Report, console: Console, rig: Rig)
 # --------------------------------------------------------------------------- output
 
 
+# --------------------------------------------------------------------------- section 3
+
+
+def cascade_workload(count: int, steps: int) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
+    """:func:`workload`, its steps marked for the fake server by :data:`CASCADE_PATTERN`, and the
+    tier scripted to decide each step."""
+    marks = {"direct": "", "analysis": f" {UNSURE_AT_A_GLANCE}", "code": f" {UNSURE_AFTER_ANALYSIS}"}
+    items, tiers = [], []
+    position = 0
+    for problem, lines in workload(count, steps):
+        scripted = []
+        for _ in lines:
+            scripted.append(CASCADE_PATTERN[position % len(CASCADE_PATTERN)])
+            position += 1
+        items.append((problem, [line + marks[tier] for line, tier in zip(lines, scripted, strict=True)]))
+        tiers.append(scripted)
+    return items, tiers
+
+
+class _Counter:
+    """Counts the sandbox sessions opened and forked while it is entered."""
+
+    def __init__(self, pool: SandboxPool) -> None:
+        self.pool = pool
+        self.opened = 0
+        self.forked = 0
+
+    def __enter__(self) -> _Counter:
+        open_session, fork = self.pool.open_session, Session.fork
+
+        async def counted_open(*args: Any, **kwargs: Any) -> Session:
+            self.opened += 1
+            return await open_session(*args, **kwargs)
+
+        async def counted_fork(session: Session, *args: Any, **kwargs: Any) -> Session:
+            self.forked += 1
+            return await fork(session, *args, **kwargs)
+
+        self._fork = fork
+        self.pool.open_session = counted_open  # type: ignore[method-assign]
+        Session.fork = counted_fork  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.pool.open_session
+        Session.fork = self._fork  # type: ignore[method-assign]
+
+
+async def bench_cascade(plan: Plan, report: Report, console: Console, rig: Rig) -> None:
+    server, pool, template = rig
+    delay = plan.delay_ms / 1000.0
+    k, s, n = plan.solutions, plan.steps, plan.chains
+    items, scripted = cascade_workload(k, s)
+    chain_steps = k * s * n
+    ideal = {
+        "full": s * ROUNDS * delay,
+        "cascade": max(sum(CASCADE_CALLS[t] for t in tiers) for tiers in scripted) * delay,
+    }
+    share = {t: sum(x == t for tiers in scripted for x in tiers) / (k * s) for t in CASCADE_CALLS}
+    result = report.cascade
+    result.update(
+        {"simulation": True, "K": k, "S": s, "N": n, "delay_ms": plan.delay_ms,
+         "repeats": plan.cascade_repeats, "ideal_s": ideal, "scripted_share": share,
+         "runs": {"full": [], "cascade": []}}
+    )  # fmt: skip
+    model = OpenAICompletionModel(server.base_url(plan.delay_ms), "fake-genprm", timeout_seconds=300.0)
+    critics = {
+        mode: GenPRMCritic(model, template, pool, _critic_config(model, n, cascade=mode == "cascade"))
+        for mode in ("full", "cascade")
+    }
+    try:
+        console.log(f"cascade: warm-up ({k} solutions x 1 step x {n} chains, both modes)")
+        for critic in critics.values():
+            await concurrent_critiques(critic, cascade_workload(k, 1)[0], n)
+        for repeat in range(plan.cascade_repeats):
+            order = ("full", "cascade") if repeat % 2 == 0 else ("cascade", "full")
+            for mode in order:
+                console.log(f"cascade: repeat {repeat + 1}/{plan.cascade_repeats}, {mode}")
+                server.reset()
+                gc.collect()
+                gc.freeze()
+                try:
+                    with _Counter(pool) as counter:
+                        t0 = time.perf_counter()
+                        reports = await concurrent_critiques(critics[mode], items, n)
+                        wall = time.perf_counter() - t0
+                finally:
+                    gc.unfreeze()
+                await pool.settle()
+                result["runs"][mode].append(
+                    _cascade_run(reports, scripted, wall, server.stats(), counter, chain_steps, mode)
+                )
+    finally:
+        await model.aclose()
+
+    summary: dict[str, Any] = {}
+    for mode, runs in result["runs"].items():
+        first = runs[0]
+        summary[mode] = {
+            "wall_s_median": statistics.median(r["wall_s"] for r in runs),
+            "vs_ideal": statistics.median(r["wall_s"] for r in runs) / ideal[mode],
+            **{key: first[key] for key in first if key.startswith("per_chain_step_")},
+            "tier_share": first["tier_share"],
+            "requests": first["requests"],
+            "paths_ok": all(r["paths_ok"] for r in runs),
+        }
+    result["summary"] = summary
+    full, cascade = summary["full"], summary["cascade"]
+
+    def saving(key: str) -> float:
+        return full[key] / cascade[key] if cascade[key] else float("inf")
+
+    result["savings"] = {
+        "wall_x": full["wall_s_median"] / cascade["wall_s_median"],
+        "calls_x": saving("per_chain_step_calls"),
+        "tokens_x": saving("per_chain_step_tokens"),
+        "completion_tokens_x": saving("per_chain_step_completion_tokens"),
+        "sandbox_runs_x": saving("per_chain_step_sandbox_runs"),
+    }
+    report.checks["cascade: the tiers decided the scripted shares of the steps"] = cascade[
+        "tier_share"
+    ] == share and full["tier_share"] == {"code": 1.0}
+    report.checks["cascade: every chain took its scripted path (calls, code, rewards)"] = (
+        full["paths_ok"] and cascade["paths_ok"]
+    )
+
+
+def _cascade_run(
+    reports: Sequence[CritiqueReport],
+    scripted: list[list[str]],
+    wall: float,
+    stats: dict[str, Any],
+    counter: _Counter,
+    chain_steps: int,
+    mode: str,
+) -> dict[str, Any]:
+    """One run of the cascade section, per chain and step, and whether every chain took the path
+    its step was scripted to (calls, code runs, reward)."""
+    steps = [step for r in reports for step in r.step_reports]
+    chains = [c for step in steps for c in step.chains]
+    usage = [c.usage for c in chains]
+    tiers = [step.tier for step in steps]
+    paths_ok = True
+    for report, tiers_of_solution in zip(reports, scripted, strict=True):
+        for step, tier in zip(report.step_reports, tiers_of_solution, strict=True):
+            tier = tier if mode == "cascade" else "code"
+            calls = CASCADE_CALLS[tier] if mode == "cascade" else ROUNDS
+            # The code tier's reward is the judgement after code (sure), like the full protocol's.
+            expected = EXPECTED_REWARD
+            paths_ok &= (
+                step.tier == tier
+                and not step.flagged
+                and all(
+                    c.usage.calls == calls
+                    and len(c.code_runs) == (tier == "code")
+                    and abs(c.reward - expected) < 1e-9
+                    and c.reward_source == "logprobs"
+                    for c in step.chains
+                )
+            )
+    return {
+        "wall_s": wall,
+        "requests": stats["requests"],
+        "by_kind": stats["by_kind"],
+        "per_chain_step_calls": sum(u.calls for u in usage) / chain_steps,
+        "per_chain_step_prompt_tokens": sum(u.prompt_tokens for u in usage) / chain_steps,
+        "per_chain_step_completion_tokens": sum(u.completion_tokens for u in usage) / chain_steps,
+        "per_chain_step_tokens": sum(u.prompt_tokens + u.completion_tokens for u in usage) / chain_steps,
+        "per_chain_step_sandbox_runs": sum(len(c.code_runs) for c in chains) / chain_steps,
+        "per_chain_step_sessions_opened": counter.opened / chain_steps,
+        "per_chain_step_forks": counter.forked / chain_steps,
+        "tier_share": {t: tiers.count(t) / len(tiers) for t in CASCADE_CALLS if t in tiers},
+        "paths_ok": paths_ok,
+    }
+
+
 def _f(value: float | None, fmt: str = ".2f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
@@ -1095,6 +1309,51 @@ def render(report: Report, console: Console) -> None:
         table.add_row("total", f"{sum(bd['parts'].values()):.3f}")
         console.print(table)
 
+    cs = report.cascade
+    if "summary" in cs:
+        share = ", ".join(f"{t} {v:.1%}" for t, v in cs["scripted_share"].items())
+        table = _report.table(
+            f"3. Cascade - SIMULATION: the fake server ({cs['delay_ms']:g} ms per request) scripted so that "
+            f"the steps are sure at: {share}; K={cs['K']} x S={cs['S']} x N={cs['N']} at once; medians of "
+            f"{cs['repeats']} alternating runs",
+            ("per chain and step", "full protocol", "cascade", "full / cascade"),
+            ("full protocol", "cascade", "full / cascade"),
+        )
+        full, cascade = cs["summary"]["full"], cs["summary"]["cascade"]
+        for key, label in (
+            ("calls", "model calls"),
+            ("prompt_tokens", "prompt tokens"),
+            ("completion_tokens", "completion tokens"),
+            ("tokens", "tokens (prompt + completion)"),
+            ("sandbox_runs", "sandbox runs"),
+            ("sessions_opened", "sessions opened"),
+            ("forks", "snapshot forks"),
+        ):
+            a, b = full[f"per_chain_step_{key}"], cascade[f"per_chain_step_{key}"]
+            table.add_row(label, _f(a), _f(b), _f(a / b) if b else "-" if not a else "inf")
+        table.add_row(
+            "wall s (whole run)", _f(full["wall_s_median"]), _f(cascade["wall_s_median"]),
+            _f(cs["savings"]["wall_x"]),
+        )  # fmt: skip
+        table.add_row(
+            "wall / critical path",
+            f"{_f(full['vs_ideal'])} of {_f(cs['ideal_s']['full'])} s",
+            f"{_f(cascade['vs_ideal'])} of {_f(cs['ideal_s']['cascade'])} s",
+            "",
+        )
+        table.add_row(
+            "steps decided per tier",
+            ", ".join(f"{t} {v:.1%}" for t, v in full["tier_share"].items()),
+            ", ".join(f"{t} {v:.1%}" for t, v in cascade["tier_share"].items()),
+            "",
+        )
+        console.print(table)
+        console.print(
+            "  calls per tier and chain: direct 1; analysis 3 (direct, analysis, judgement); code 5 (the "
+            "code tier keeps the analysis tier's analysis: verify round, then the judgement after its "
+            "output). The fake server's prompt tokens are characters / 4."
+        )
+
     if report.targets:
         table = _report.table("Targets", ("target", "value", "limit", "verdict"))
         for t in report.targets:
@@ -1114,8 +1373,16 @@ def render(report: Report, console: Console) -> None:
 # --------------------------------------------------------------------------- main
 
 
+SECTIONS = ("concurrency", "overhead", "cascade")
+
+
 async def run_all(
-    plan: Plan, report: Report, console: Console, server: FakeCriticServer, full_sequential: bool
+    plan: Plan,
+    report: Report,
+    console: Console,
+    server: FakeCriticServer,
+    full_sequential: bool,
+    sections: Sequence[str] = SECTIONS,
 ) -> None:
     task = asyncio.current_task()
     assert task is not None
@@ -1135,7 +1402,10 @@ async def run_all(
             for label, step in (
                 ("concurrency", lambda: bench_concurrency(plan, report, console, rig, full_sequential)),
                 ("overhead", lambda: bench_overhead(plan, report, console, rig)),
+                ("cascade", lambda: bench_cascade(plan, report, console, rig)),
             ):
+                if label not in sections:
+                    continue
                 try:
                     await step()
                 except Exception as exc:  # noqa: BLE001 - report the other section; printed below
@@ -1154,6 +1424,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the sequential baseline on all K solutions instead of extrapolating (minutes)",
     )
+    parser.add_argument("--only", choices=SECTIONS, help="run this section alone")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     console = _report.wide_console(180)
@@ -1183,7 +1454,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         console.log(f"fake server: pid {server.pid}, port {server.port}")
-        asyncio.run(run_all(plan, report, console, server, args.full_sequential))
+        sections = (args.only,) if args.only else SECTIONS
+        asyncio.run(run_all(plan, report, console, server, args.full_sequential, sections))
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         interrupted = True
         report.failures.append(f"interrupted ({type(exc).__name__}: {exc})")

@@ -5,7 +5,7 @@ form (``to_json()``; what the server's progress chunks and the graph's LangGraph
 stream carry, and what :func:`parse_event` reads back) has the type under the key ``"event"``::
 
     {"event": "step", "index": 0, "reward": 0.93, "verdict": "yes", "flagged": false,
-     "reused": false, "critique": "..."}
+     "reused": false, "critique": "...", "tier": "code"}
 
 Example:
     >>> event = parse_event({"event": "refining", "round": 1, "index": 2, "step": "2 + 2 = 5"})
@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from critloop.agent.critic import CritiqueTier
 from critloop.graphs.result import SolveResult
 
 __all__ = [
@@ -71,6 +72,8 @@ class StepEvent(_Event):
     """Carried over from the critique of an earlier solution with the same prefix."""
     critique: str = ""
     """The start of the analysis of the chain most sure the step is wrong."""
+    tier: CritiqueTier = "code"
+    """The tier of the critic's cascade that decided the step (``code``: the full protocol)."""
 
 
 class RefiningEvent(_Event):

@@ -164,11 +164,18 @@ async def evaluate_processbench(
                 line.update(
                     prediction=-1 if first is None else first,
                     step_rewards=report.rewards,
+                    tiers=[s.tier for s in report.step_reports],
                     error=None,
                     usage=report.usage.model_dump(),
                     critiques=[
                         [
-                            {"text": c.text, "verdict": c.verdict, "reward": c.reward, "forced": c.forced}
+                            {
+                                "text": c.text,
+                                "verdict": c.verdict,
+                                "reward": c.reward,
+                                "forced": c.forced,
+                                "tier": c.tier,
+                            }
                             for c in s.chains
                         ]
                         for s in report.step_reports

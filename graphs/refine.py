@@ -381,6 +381,7 @@ def _step_event(report: StepReport) -> StepEvent:
         flagged=report.flagged,
         reused=report.reused,
         critique=_preview(preview, events.CRITIQUE_PREVIEW),
+        tier=report.tier,
     )
 
 

@@ -145,6 +145,12 @@ def test_bad_flag_values_exit_2(flag: str, value: str, message: str) -> None:
     assert message in done.stderr
 
 
+def test_tau_without_the_cascade_exits_2() -> None:
+    done = invoke(PROBLEM, "--tau", "0.2")
+    assert done.exit_code == 2
+    assert "--tau tunes the cascade, which is off: add --cascade" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [
@@ -192,6 +198,9 @@ def test_flags_override_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "processed",
         "--samples",
         "4",
+        "--cascade",
+        "--tau",
+        "0.2",
         "--max-rounds",
         "2",
         "--max-seconds",
@@ -214,6 +223,7 @@ def test_flags_override_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "GenPRM/GenPRM-7B",
     )
     assert (cfg.critic.profile, cfg.critic.samples, cfg.critic.logprobs) == ("instruct", 4, "processed")
+    assert (cfg.critic.cascade, cfg.critic.tau) == (True, 0.2)
     assert (cfg.budget.max_rounds, cfg.budget.max_tokens, cfg.budget.max_seconds) == (2, 1000, 30.0)
     assert (cfg.refine.mode, cfg.sandbox.backend, cfg.sandbox.pool_size) == ("full", "local", 1)
 
@@ -258,8 +268,12 @@ def scripted(template: ChatTemplate, monkeypatch: pytest.MonkeyPatch) -> dict[st
     down = {"critic_down": False}
 
     def from_config(cls: type[Solver], config: Any = None, **_: Any) -> Solver:
+        options = {"cascade": config.critic.cascade, "tau": config.critic.tau}
         critic = GenPRMCritic(
-            scripted_critic(down=down["critic_down"]), template, None, CriticConfig(profile="genprm")
+            scripted_critic(down=down["critic_down"]),
+            template,
+            None,
+            CriticConfig(profile="genprm", **options),
         )
         return Solver(policy=ScriptedWriter(), critic=critic, budget=config.budget)
 
@@ -296,6 +310,29 @@ def test_the_live_view_shows_the_loop_and_the_result(scripted: dict[str, bool]) 
     assert usage == {"policy": "2", "critic": "8", "refiner": "1"}
     assert "rounds: 1/2" in out
     assert done.stderr == ""
+
+
+def test_with_the_cascade_sure_steps_are_judged_directly(scripted: dict[str, bool]) -> None:
+    done = invoke("--file", str(EXAMPLES / "arithmetic.txt"), "--max-rounds", "2", "--cascade", "--json")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert result["stop_reason"] == "all_steps_pass" and result["answer"] == "14"
+    # The scripted critic is sure of every step at a glance: one call per step critiqued (two
+    # before the flagged step 2 is rewritten, then step 2 again and step 3).
+    assert result["usage"]["critic"]["calls"] == 4
+    steps = result["last_report"]["step_reports"]
+    assert [s["tier"] for s in steps] == ["direct"] * 3
+    # The step was flagged without an analysis: the refiner is shown none.
+    assert result["rounds"][0]["critique"] == ""
+    shown = invoke("--file", str(EXAMPLES / "arithmetic.txt"), "--cascade", "--tau", "0.05")
+    assert shown.exit_code == 0, shown.output
+    assert "cascade with tau 0.05" in shown.stdout
+    lines = [line.strip() for line in shown.stdout.splitlines()]
+    # At tau 0.05 the No of step 2 (a reward of 0.06) is not sure enough: the analysis decides.
+    assert "step 1  ████████████████████ 0.98 yes  (judged directly)" in lines
+    step2 = next(line for line in lines if line.startswith("step 2") and "flagged" in line)
+    assert step2.endswith("0.06 no  flagged  (after analysis)")
+    assert "critique 2 + 12 is 14, not 15." in lines
 
 
 def test_json_prints_exactly_the_result(scripted: dict[str, bool]) -> None:

@@ -112,3 +112,55 @@ async def test_critic_through_a_llama_cpp_server_with_real_logprobs(
             if chain.verdict != "none":  # from the logprobs (a bound where the other answer is not listed)
                 assert chain.reward_source in ("logprobs", "logprobs_bound")
     json.loads(report.model_dump_json())
+
+
+class SeededModel(OpenAICompletionModel):
+    """Sends a fixed seed: llama.cpp then samples the same text for the same prompt."""
+
+    async def complete(self, prompt: str, params: SamplingParams) -> CompletionResult:
+        return await super().complete(prompt, params.model_copy(update={"seed": 1234}))
+
+
+async def test_the_cascade_through_a_llama_cpp_server(
+    llama_server: str, embedded_template: ChatTemplate, docker_pool: SandboxPool
+) -> None:
+    """Every tier on a real model's logprobs: with a tau no reward meets, each step climbs to the
+    code tier; with tau = 0.5 every direct judgement with a verdict decides."""
+    record = shortest_records(1)[0]
+    model = SeededModel(llama_server, "smollm2", timeout_seconds=300)
+    options = {
+        "profile": "instruct",
+        "max_critique_tokens": 160,
+        "code_rounds": 1,
+        "forced_judgement_tokens": 8,
+    }
+    try:
+        climbing = GenPRMCritic(
+            model, embedded_template, docker_pool, CriticConfig(cascade=True, tau=1e-300, **options)
+        )
+        report = await climbing.critique(record["problem"], record["steps"], scan="all")
+        glance = GenPRMCritic(
+            model, embedded_template, docker_pool, CriticConfig(cascade=True, tau=0.5, **options)
+        )
+        quick = await glance.critique(record["problem"], record["steps"], scan="all")
+    finally:
+        await model.aclose()
+    assert len(report.step_reports) == len(quick.step_reports) == len(record["steps"])
+    for step in report.step_reports:
+        [chain] = step.chains
+        # The code tier continues the analysis tier's analysis; one whose analysis did not close
+        # stays the forced judgement of the analysis tier.
+        assert step.tier == chain.tier and chain.tier in ("analysis", "code")
+        assert chain.text.startswith(ANALYZE_PREFIX.format(k=step.index + 1))
+        assert chain.text.count("<analyze>") == 1
+        assert ("<verify>" in chain.text) == (chain.tier == "code")
+        assert chain.usage.calls >= 3, "a direct judgement, then the analysis tier's calls, at least"
+        assert 0.0 <= chain.reward <= 1.0
+    for step in quick.step_reports:
+        [chain] = step.chains
+        if chain.verdict == "none":  # a reward of 0.5 is never sure
+            assert step.tier != "direct"
+            continue
+        assert step.tier == "direct" and chain.usage.calls == 1 and chain.code_runs == ()
+        assert chain.text.startswith("<output>\n**Judgement**: $\\boxed")
+        assert chain.reward_source in ("logprobs", "logprobs_bound")

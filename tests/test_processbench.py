@@ -202,6 +202,58 @@ def test_eval_of_a_data_file_not_named_after_a_split(tmp_path: Path) -> None:
     assert "F1 math" in one.stdout and "my_sample" not in one.stdout
 
 
+def test_limit_spreads_the_records_evenly_through_a_split(tmp_path: Path) -> None:
+    # The benchmark's files list the erroneous samples first: the first N would all be erroneous.
+    from critloop.cli.eval import _processbench_records
+
+    rows = [
+        {"id": str(i), "problem": "p", "steps": ["a", "b"], "label": 0 if i < 5 else -1} for i in range(10)
+    ]
+    (tmp_path / "gsm8k.json").write_text(json.dumps(rows))
+    chosen = _processbench_records(tmp_path / "gsm8k.json", "all", 4)
+    assert [r.id for r in chosen] == ["0", "2", "5", "7"]
+    assert [r.label for r in chosen] == [0, 0, -1, -1]
+    assert len(_processbench_records(tmp_path / "gsm8k.json", "all", 20)) == 10
+
+
+def test_eval_with_the_cascade_records_the_tier_of_every_step(tmp_path: Path) -> None:
+    data = tmp_path / "gsm8k.jsonl"
+    rows = [
+        {"id": "a", "problem": "What is 2 + 3 * 4?", "steps": ["3 * 4 = 12.", "2 + 12 = 14."], "label": -1}
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "pb.jsonl"
+    with ScriptedServer(default=policy_and_critic()) as server:
+        config = scripted_config(tmp_path, server.url)
+        done = CliRunner().invoke(
+            app,
+            [
+                *("eval", "processbench", "--data", str(data), "--config", str(config), "--out", str(out)),
+                *("--cascade", "--tau", "0.2"),
+            ],
+        )
+        prompts = [json.loads(r.body)["prompt"] for r in server.requests]
+    assert done.exit_code == 0, done.output
+    [line] = read_results(out)
+    # The scripted critic's hard labels are sure at a glance: one direct judgement per step.
+    assert line["tiers"] == ["direct", "direct"] and line["prediction"] == -1
+    assert [c["tier"] for step in line["critiques"] for c in step] == ["direct", "direct"]
+    assert line["usage"]["calls"] == 2 and len(prompts) == 2
+    assert all(p.endswith("$\\boxed") and "<analyze>" not in p for p in prompts)
+    assert "steps decided by tier: direct 2, analysis 0, code 0" in done.stdout
+    assert "critic usage over 1 solutions: 2 calls" in done.stdout
+
+
+def test_eval_refuses_tau_without_the_cascade(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["eval", "processbench", "--data", str(tmp_path), "--tau", "0.2"])
+    assert done.exit_code == 2
+    assert "--tau tunes the cascade, which is off: add --cascade" in done.stderr
+    done = CliRunner().invoke(
+        app, ["eval", "processbench", "--data", str(tmp_path), "--cascade", "--tau", "0.7"]
+    )
+    assert done.exit_code == 2 and "Invalid value for '--tau'" in done.stderr
+
+
 def test_eval_of_missing_data_says_it_does_not_exist(tmp_path: Path) -> None:
     missing = tmp_path / "does_not_exist.json"
     done = CliRunner().invoke(app, ["eval", "processbench", "--data", str(missing)])

@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXIT_CODES",
+    "CascadeOption",
     "ConfigOption",
     "ExitCodeGroup",
+    "TauOption",
+    "cascade_overrides",
+    "check_cascade_flags",
     "choices_help",
     "console",
     "err",
@@ -97,14 +101,51 @@ def choices_help(choices: Any, *more: str) -> str:
 
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="critloop.toml")]
+CascadeOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--cascade/--no-cascade",
+        help="Critique each step in tiers, the cheapest first: a direct judgement, then an analysis, "
+        "then code, stopping at the first sure one (default: [critic] cascade, off).",
+    ),
+]
+TauOption = Annotated[
+    float | None,
+    typer.Option(
+        max=0.5,
+        help="With --cascade: a tier is sure when its reward is within this of 0 or 1 (default 0.1).",
+    ),
+]
+
+
+def cascade_overrides(cascade: bool | None, tau: float | None) -> dict[str, Any]:
+    """The config keys ``--cascade`` and ``--tau`` set."""
+    return {"critic.cascade": cascade, "critic.tau": tau}
+
+
+def check_cascade_flags(cfg: CritloopConfig, tau: float | None) -> None:
+    """Refuse ``--tau`` when the cascade it tunes is off.
+
+    Raises:
+        ConfigError: ``--tau`` was given and the cascade is off.
+    """
+    if tau is not None and not cfg.critic.cascade:
+        raise ConfigError(
+            "--tau tunes the cascade, which is off: add --cascade (or cascade = true in [critic])"
+        )
 
 
 def solver_for(config: Path | None, overrides: dict[str, Any]) -> tuple[CritloopConfig, Solver]:
-    """The config (file and flags) and its solver."""
+    """The config (file and flags) and its solver.
+
+    Raises:
+        ConfigError: the config or a flag is wrong (the message names it).
+    """
     from critloop.config import load_config
     from critloop.solver import Solver
 
     cfg = load_config(config, overrides)
+    check_cascade_flags(cfg, overrides.get("critic.tau"))
     return cfg, Solver.from_config(cfg)
 
 

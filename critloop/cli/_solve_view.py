@@ -48,6 +48,9 @@ def _labelled(label: str, body: Text, style: str, *, indent: int = 2) -> Table:
     return grid
 
 
+_TIER_LABELS = {"direct": "judged directly", "analysis": "after analysis", "code": "after code"}
+
+
 def _preview(text: str, limit: int = _STEP_PREVIEW) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
@@ -73,11 +76,14 @@ class SolveView:
         """(reward, verdict, flagged) of each step seen, by the steps up to it: the critic
         reuses the critiques of an unchanged prefix without an event."""
         self.last_solution: list[str] = []
+        self.cascade = False
+        """The critic cascades: each step shows the tier that decided it."""
 
     def header(self, problem: str, cfg: CritloopConfig, sandbox: str) -> None:
         if self.out is None:
             return
         critic = cfg.critic
+        self.cascade = critic.cascade
         samples = cfg.budget.samples or critic.samples
         self.out.rule("[bold]critloop solve[/]")
         self.out.print(Text.assemble(("problem  ", "bold"), problem.strip()))
@@ -85,7 +91,8 @@ class SolveView:
             Text(
                 f"policy   {cfg.policy.kind} {cfg.policy.model}\n"
                 f"critic   {critic.kind} {critic.model} ({critic.profile}, {samples} "
-                f"sample{'s' if samples != 1 else ''}, threshold {critic.threshold})\n"
+                f"sample{'s' if samples != 1 else ''}, threshold {critic.threshold}"
+                f"{f', cascade with tau {critic.tau:g}' if critic.cascade else ''})\n"
                 f"sandbox  {sandbox}\n"
                 f"budget   {cfg.budget.max_rounds} rounds, {cfg.budget.max_tokens} tokens, "
                 f"{cfg.budget.max_seconds:g} s; refine mode {cfg.refine.mode}",
@@ -114,7 +121,13 @@ class SolveView:
                     if earlier not in self.shown:
                         self._reused(earlier)
                 self._show(
-                    index, event.reward, event.verdict, event.flagged, event.critique, reused=event.reused
+                    index,
+                    event.reward,
+                    event.verdict,
+                    event.flagged,
+                    event.critique,
+                    reused=event.reused,
+                    tier=event.tier,
                 )
                 if event.flagged:
                     self.status.update(f"refiner: about to rewrite step {index + 1}")
@@ -138,6 +151,7 @@ class SolveView:
         critique: str | None,
         *,
         reused: bool = False,
+        tier: str = "code",
     ) -> None:
         self.shown.add(index)
         self.flagged = self.flagged or flagged
@@ -151,6 +165,8 @@ class SolveView:
         )
         if flagged:
             line.append("  flagged", "bold red")
+        if self.cascade and not reused:
+            line.append(f"  ({_TIER_LABELS.get(tier, tier)})", "dim")
         if reused:
             line.append("  (reused)", "dim")
         self._print(line)

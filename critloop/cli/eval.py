@@ -10,7 +10,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from critloop.cli._common import ConfigOption, choices_help, console, err, one_of
+from critloop.cli._common import (
+    CascadeOption,
+    ConfigOption,
+    TauOption,
+    cascade_overrides,
+    check_cascade_flags,
+    choices_help,
+    console,
+    err,
+    one_of,
+)
 from critloop.errors import ConfigError
 from critloop.graphs.processbench import SPLITS, Split
 from critloop.tools.completion import LogprobsMode
@@ -32,7 +42,10 @@ def eval_processbench(
         ),
     ] = None,
     config: ConfigOption = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="At most this many records per split.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="At most this many records per split, spread evenly through it."),
+    ] = None,
     n: Annotated[
         int | None, typer.Option("--n", min=1, max=64, help="Critique chains per solution (Maj@N).")
     ] = None,
@@ -43,6 +56,8 @@ def eval_processbench(
     critic_logprobs: Annotated[
         str | None, typer.Option(help=f"What the critic server's logprobs are: {choices_help(LogprobsMode)}.")
     ] = None,
+    cascade: CascadeOption = None,
+    tau: TauOption = None,
 ) -> None:
     """Run the critic on ProcessBench and print error / correct accuracy and F1 per split."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,7 +69,8 @@ def eval_processbench(
 
     wanted_split = one_of("--split", split, Split, "all")
     logprobs = None if critic_logprobs is None else one_of("--critic-logprobs", critic_logprobs, LogprobsMode)
-    cfg = load_config(config, {"critic.logprobs": logprobs})
+    cfg = load_config(config, {"critic.logprobs": logprobs, **cascade_overrides(cascade, tau)})
+    check_cascade_flags(cfg, tau)
     records = _processbench_records(data, wanted_split, limit)
 
     async def run() -> None:
@@ -87,7 +103,8 @@ def eval_processbench(
 
     asyncio.run(run())
     wanted = {(r.split, r.id) for r in records}
-    table_rows = metrics(r for r in read_results(out) if (r.get("split"), r.get("id")) in wanted)
+    lines = [r for r in read_results(out) if (r.get("split"), r.get("id")) in wanted]
+    table_rows = metrics(lines)
     table = Table("split", "erroneous", "correct", "error acc", "correct acc", "F1", "failed", *PAPER_F1)
     for m in table_rows:
         table.add_row(
@@ -113,6 +130,18 @@ def eval_processbench(
         *(f"{ref['average']:.1f}" for ref in PAPER_F1.values()),
     )
     console.print(table)
+    mine = [r for r in lines if r.get("usage")]
+    calls = sum(r["usage"]["calls"] for r in mine)
+    prompt = sum(r["usage"]["prompt_tokens"] for r in mine)
+    completion = sum(r["usage"]["completion_tokens"] for r in mine)
+    console.print(
+        f"critic usage over {len(mine)} solutions: {calls:,} calls, {prompt:,} prompt tokens, "
+        f"{completion:,} completion tokens"
+    )
+    tiers = [tier for r in mine for tier in r.get("tiers") or []]
+    if cfg.critic.cascade:
+        counts = ", ".join(f"{tier} {tiers.count(tier)}" for tier in ("direct", "analysis", "code"))
+        console.print(f"steps decided by tier: {counts}")
     console.print(f"results: {out}")
     for m in table_rows:
         print(f"F1 {m.split}: {m.f1:.1f}")
@@ -120,7 +149,8 @@ def eval_processbench(
 
 
 def _processbench_records(data: Path | None, split: str, limit: int | None) -> list[ProcessBenchRecord]:
-    """The records to evaluate: ``split`` (or every split: ``all``), at most ``limit`` of each.
+    """The records to evaluate: ``split`` (or every split: ``all``), at most ``limit`` of each,
+    spread evenly through it (the benchmark's files list the erroneous samples first).
 
     From ``--data`` (a file: its records, their split named by their ``split`` field or by the
     file's stem; a folder: its ``<split>.json[l]`` files), else from the hub dataset.
@@ -144,11 +174,19 @@ def _processbench_records(data: Path | None, split: str, limit: int | None) -> l
     by_split: dict[str, list[ProcessBenchRecord]] = {}
     for record in records:
         by_split.setdefault(record.split, []).append(record)
-    chosen = [record for group in by_split.values() for record in group[: limit or None]]
+    chosen = [record for group in by_split.values() for record in _evenly(group, limit)]
     if not chosen:
         where = f"{data}" if data is not None else "the hub dataset"
         raise ConfigError(f"no ProcessBench records{'' if split == 'all' else f' of {split}'} in {where}")
     return chosen
+
+
+def _evenly(records: list[ProcessBenchRecord], limit: int | None) -> list[ProcessBenchRecord]:
+    """``limit`` records spread evenly through ``records``, in order (all of them when ``limit``
+    is None or not smaller)."""
+    if limit is None or len(records) <= limit:
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
 
 
 def _split_file(folder: Path | None, split: str) -> Path:

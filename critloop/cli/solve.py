@@ -12,7 +12,18 @@ import typer
 
 from critloop.agent.critic_protocol import CriticProfile
 from critloop.agent.policy import RefineMode
-from critloop.cli._common import ConfigOption, choices_help, console, err, load_models, one_of, solver_for
+from critloop.cli._common import (
+    CascadeOption,
+    ConfigOption,
+    TauOption,
+    cascade_overrides,
+    choices_help,
+    console,
+    err,
+    load_models,
+    one_of,
+    solver_for,
+)
 from critloop.cli._solve_view import SolveView
 from critloop.errors import ConfigError, CritloopError
 from critloop.graphs.events import DoneEvent
@@ -45,6 +56,8 @@ def solve(
         str | None, typer.Option(help=f"What the critic server's logprobs are: {choices_help(LogprobsMode)}.")
     ] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="Critique chains per solution (Maj@N).")] = None,
+    cascade: CascadeOption = None,
+    tau: TauOption = None,
     max_rounds: Annotated[int | None, typer.Option(min=0, help="Refinement rounds at most.")] = None,
     max_tokens: Annotated[
         int | None, typer.Option(min=1, help="Tokens all roles may generate together.")
@@ -77,6 +90,7 @@ def solve(
         if critic_logprobs is None
         else one_of("--critic-logprobs", critic_logprobs, LogprobsMode),
         "critic.samples": samples,
+        **cascade_overrides(cascade, tau),
         "budget.max_rounds": max_rounds,
         "budget.max_tokens": max_tokens,
         "budget.max_seconds": max_seconds,
