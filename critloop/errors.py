@@ -20,6 +20,7 @@ __all__ = [
     "SandboxProtocolError",
     "ModelError",
     "ModelEndpointError",
+    "ModelUnavailableError",
     "ModelResponseError",
 ]
 
@@ -79,6 +80,11 @@ class ModelError(CritloopError):
 class ModelEndpointError(ModelError):
     """A model endpoint could not be used: unreachable, or failing after every retry, or it
     refused the request. The message names the endpoint and the last failure."""
+
+
+class ModelUnavailableError(ModelEndpointError):
+    """A model endpoint is unreachable or kept failing (connection errors, timeouts, 5xx, 429)
+    after every retry: another replica of the model may answer instead."""
 
 
 class ModelResponseError(ModelError):

@@ -126,8 +126,11 @@ def test_the_readme_graph_diagram_is_the_one_the_graph_draws() -> None:
 
 
 def test_the_readme_config_file_is_a_valid_config(tmp_path: Path) -> None:
-    (toml,) = [b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[critic]" in b]
+    toml, replicas = [b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[critic]" in b]
     path = tmp_path / "critloop.toml"
+    path.write_text(replicas)
+    urls = ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"]
+    assert (load_config(path).critic.base_url, load_config(path).critic.routing) == (urls, "sticky")
     path.write_text(toml)
     config = load_config(path)
     assert (config.policy.kind, config.policy.base_url) == ("openai", "http://127.0.0.1:8000/v1")

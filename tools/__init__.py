@@ -1,5 +1,6 @@
-"""Tools the roles use: completion models (HTTP and in-process), the embedded model, chat
-templates, and the Python-sandbox LangChain tool. Grading comes with the batch runner."""
+"""Tools the roles use: completion models (HTTP, a router over replicas, in-process), the
+embedded model, chat templates, and the Python-sandbox LangChain tool. Grading comes with the
+batch runner."""
 
 from critloop.tools.chat_template import ChatMessage, ChatTemplate, load_tokenizer
 from critloop.tools.completion import (
@@ -21,6 +22,7 @@ from critloop.tools.endpoint import (
 from critloop.tools.local_engine import TransformersEngine
 from critloop.tools.openai_client import OpenAICompletionModel
 from critloop.tools.python_sandbox import PythonSandboxTool
+from critloop.tools.replicas import ReplicaRouter, ReplicaStatus, Routing
 
 __all__ = [
     "DEFAULT_EMBEDDED_MODEL",
@@ -35,6 +37,9 @@ __all__ = [
     "FinishReason",
     "OpenAICompletionModel",
     "PythonSandboxTool",
+    "ReplicaRouter",
+    "ReplicaStatus",
+    "Routing",
     "SamplingParams",
     "TokenLogprob",
     "TopLogprob",

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from critloop.errors import ConfigError
 from critloop.tools.completion import CompletionModel, LogprobsMode, SamplingParams
 from critloop.tools.embedded import DEFAULT_EMBEDDED_MODEL
+from critloop.tools.replicas import Routing
 
 __all__ = ["EndpointConfig", "EndpointKind", "build_completion_model", "build_completion_models"]
 
@@ -31,8 +32,14 @@ class EndpointConfig(BaseModel):
 
     kind: EndpointKind = "embedded"
     """How the model is served (see :data:`EndpointKind`)."""
-    base_url: str | None = None
-    """The server's OpenAI base URL (``kind = "openai"`` only), e.g. ``http://127.0.0.1:8000/v1``."""
+    base_url: str | list[str] | None = None
+    """The server's OpenAI base URL (``kind = "openai"`` only), e.g. ``http://127.0.0.1:8000/v1``;
+    or a list of them, one per replica of the same model, which ``routing`` spreads the requests
+    over (:class:`~critloop.tools.replicas.ReplicaRouter`)."""
+    routing: Routing = "sticky"
+    """With several ``base_url``: ``sticky`` sends a prompt to the replica that served the prompt
+    it extends (its prefix cache holds it), else to the least busy; ``round_robin`` takes turns.
+    A replica that keeps failing (2 tries each) is set aside until its health check passes."""
     model: str = DEFAULT_EMBEDDED_MODEL
     """Model name on the server; for ``local``, a folder, a GGUF file or a hub id."""
     tokenizer: str | None = None
@@ -63,7 +70,20 @@ class EndpointConfig(BaseModel):
             raise ValueError("kind = 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         if self.kind != "openai" and self.base_url:
             raise ValueError(f"base_url is only for kind = 'openai', not {self.kind!r}")
+        urls = self.base_urls
+        if any(not url.strip() for url in urls):
+            raise ValueError("base_url: an empty URL")
+        repeated = sorted({url for url in urls if urls.count(url) > 1})
+        if repeated:
+            raise ValueError(f"base_url lists {', '.join(repeated)} more than once")
         return self
+
+    @property
+    def base_urls(self) -> list[str]:
+        """The replicas' base URLs (one for a single server; none for in-process kinds)."""
+        if self.base_url is None:
+            return []
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
 
     @property
     def tokenizer_ref(self) -> str:
@@ -95,6 +115,32 @@ class EndpointConfig(BaseModel):
         return SamplingParams(**{**base, **overrides})
 
 
+def _openai_model(config: EndpointConfig) -> CompletionModel:
+    """The HTTP client of an ``openai`` endpoint; a router over one client per replica when it
+    lists several."""
+    from critloop.tools.openai_client import OpenAICompletionModel
+
+    urls = config.base_urls
+    # With replicas to fall back on, a failing one is left after 2 tries rather than 5.
+    attempts = config.max_attempts if len(urls) == 1 else min(config.max_attempts, 2)
+    clients = [
+        OpenAICompletionModel(
+            url,
+            config.model,
+            api_key=config.api_key(),
+            timeout_seconds=config.timeout_seconds,
+            max_attempts=attempts,
+            extra_body=config.extra_body,
+        )
+        for url in urls
+    ]
+    if len(clients) == 1:
+        return clients[0]
+    from critloop.tools.replicas import ReplicaRouter
+
+    return ReplicaRouter(clients, routing=config.routing, name=config.model)
+
+
 def build_completion_model(config: EndpointConfig) -> CompletionModel:
     """The completion model an endpoint describes (the caller owns it: ``aclose()`` it)."""
     return build_completion_models(config)[0]
@@ -108,19 +154,7 @@ def build_completion_models(*configs: EndpointConfig) -> list[CompletionModel]:
     models: list[CompletionModel] = []
     for config in configs:
         if config.kind == "openai":
-            from critloop.tools.openai_client import OpenAICompletionModel
-
-            assert config.base_url is not None
-            models.append(
-                OpenAICompletionModel(
-                    config.base_url,
-                    config.model,
-                    api_key=config.api_key(),
-                    timeout_seconds=config.timeout_seconds,
-                    max_attempts=config.max_attempts,
-                    extra_body=config.extra_body,
-                )
-            )
+            models.append(_openai_model(config))
             continue
         from critloop.tools.local_engine import TransformersEngine
 

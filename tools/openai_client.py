@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from critloop.errors import ModelEndpointError, ModelResponseError
+from critloop.errors import ModelEndpointError, ModelResponseError, ModelUnavailableError
 from critloop.tools._stops import cut_at_stop, find_stop
 from critloop.tools.completion import (
     Completion,
@@ -194,7 +194,24 @@ class OpenAICompletionModel:
                         return await self._post_once(body)
             except _Retryable as exc:
                 failure = exc
-        raise ModelEndpointError(f"{self._url}: gave up after {attempt} attempts; last failure: {failure}")
+        raise ModelUnavailableError(f"{self._url}: gave up after {attempt} attempts; last failure: {failure}")
+
+    async def check_health(self) -> None:
+        """Ask the server for its models (``GET /models``), once, within 5 seconds.
+
+        Raises:
+            ModelUnavailableError: it did not answer 200.
+        """
+        url = f"{self.base_url}/models"
+        try:
+            async with asyncio.timeout(min(5.0, self._timeout)):
+                async with self._http().get(url) as response:
+                    status = response.status
+                    await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ModelUnavailableError(f"{url}: no answer ({type(exc).__name__}: {exc})") from None
+        if status != 200:
+            raise ModelUnavailableError(f"{url}: HTTP {status}")
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

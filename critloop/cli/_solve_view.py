@@ -15,6 +15,7 @@ from critloop.graphs.events import RefinedEvent, RefiningEvent, SolutionEvent, S
 if TYPE_CHECKING:
     from critloop.config import CritloopConfig
     from critloop.graphs.result import SolveResult
+    from critloop.tools.endpoint import EndpointConfig
 
 __all__ = ["SolveView"]
 
@@ -46,6 +47,11 @@ def _labelled(label: str, body: Text, style: str, *, indent: int = 2) -> Table:
     grid.add_column()
     grid.add_row("", label, body)
     return grid
+
+
+def _replicas(endpoint: EndpointConfig) -> str:
+    n = len(endpoint.base_urls)
+    return f" on {n} replicas ({endpoint.routing} routing)" if n > 1 else ""
 
 
 _TIER_LABELS = {"direct": "judged directly", "analysis": "after analysis", "code": "after code"}
@@ -89,8 +95,8 @@ class SolveView:
         self.out.print(Text.assemble(("problem  ", "bold"), problem.strip()))
         self.out.print(
             Text(
-                f"policy   {cfg.policy.kind} {cfg.policy.model}\n"
-                f"critic   {critic.kind} {critic.model} ({critic.profile}, {samples} "
+                f"policy   {cfg.policy.kind} {cfg.policy.model}{_replicas(cfg.policy)}\n"
+                f"critic   {critic.kind} {critic.model}{_replicas(critic)} ({critic.profile}, {samples} "
                 f"sample{'s' if samples != 1 else ''}, threshold {critic.threshold}"
                 f"{f', cascade with tau {critic.tau:g}' if critic.cascade else ''})\n"
                 f"sandbox  {sandbox}\n"

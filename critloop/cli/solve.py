@@ -44,11 +44,17 @@ def solve(
         bool, typer.Option("--json", help="Print the result as one JSON object (progress goes to stderr).")
     ] = False,
     policy_url: Annotated[
-        str | None, typer.Option(help="The policy's OpenAI-compatible base URL (sets kind = openai).")
+        list[str] | None,
+        typer.Option(
+            help="The policy's OpenAI-compatible base URL (sets kind = openai); repeat it for replicas."
+        ),
     ] = None,
     policy_model: Annotated[str | None, typer.Option(help="The policy's model name or path.")] = None,
     critic_url: Annotated[
-        str | None, typer.Option(help="The critic's OpenAI-compatible base URL (sets kind = openai).")
+        list[str] | None,
+        typer.Option(
+            help="The critic's OpenAI-compatible base URL (sets kind = openai); repeat it for replicas."
+        ),
     ] = None,
     critic_model: Annotated[str | None, typer.Option(help="The critic's model name or path.")] = None,
     critic_profile: Annotated[str | None, typer.Option(help=choices_help(CriticProfile))] = None,
@@ -79,10 +85,10 @@ def solve(
     text = _problem_text(problem, file)
     overrides: dict[str, Any] = {
         "policy.kind": "openai" if policy_url else None,
-        "policy.base_url": policy_url,
+        "policy.base_url": _urls(policy_url),
         "policy.model": policy_model,
         "critic.kind": "openai" if critic_url else None,
-        "critic.base_url": critic_url,
+        "critic.base_url": _urls(critic_url),
         "critic.model": critic_model,
         # The config checks the profile, and names its key when it is wrong.
         "critic.profile": critic_profile,
@@ -133,6 +139,13 @@ def solve(
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     if result.stop_reason == "error":
         raise CritloopError(f"the run stopped on an infrastructure failure: {result.error}")
+
+
+def _urls(given: list[str] | None) -> str | list[str] | None:
+    """A URL flag's value for the config: one URL, or the replicas' list."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else given
 
 
 def _problem_text(problem: str | None, file: Path | None) -> str:
