@@ -75,6 +75,7 @@ bench: $(TEST_STAMP) sandbox-image models
 	$(BIN)/python benchmarks/bench_sandbox.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_critic.py
+	$(BIN)/python benchmarks/bench_routing.py
 	$(BIN)/python benchmarks/bench_batch.py
 	$(BIN)/python benchmarks/bench_server.py
 

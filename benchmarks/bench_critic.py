@@ -78,6 +78,7 @@ from _fake_server import (
     YES_ALTERNATIVES,
     FakeCriticServer,
     classify,
+    run_against,
 )
 from _machine import cpu_model as _cpu_model
 from _machine import mem_total_gib as _mem_total_gib
@@ -1450,23 +1451,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     server = FakeCriticServer()
-    interrupted = False
-    try:
-        server.start()
-        console.log(f"fake server: pid {server.pid}, port {server.port}")
-        sections = (args.only,) if args.only else SECTIONS
-        asyncio.run(run_all(plan, report, console, server, args.full_sequential, sections))
-    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        interrupted = True
-        report.failures.append(f"interrupted ({type(exc).__name__}: {exc})")
-        console.print(f"[red]interrupted:[/red] {exc!r}")
-    except Exception as exc:  # noqa: BLE001 - print what was measured, then fail
-        report.failures.append(f"{type(exc).__name__}: {exc}")
-        console.print_exception()
-    finally:
-        code = server.stop()
-        report.checks["fake server stopped"] = server.stopped
-        report.checks["fake server exit code"] = code
+    sections = (args.only,) if args.only else SECTIONS
+    interrupted = run_against(
+        server,
+        lambda: run_all(plan, report, console, server, args.full_sequential, sections),
+        report.failures,
+        report.checks,
+        console,
+    )
 
     m["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     render(report, console)
