@@ -52,8 +52,9 @@ onto one replica)."""
 _SLACK = 16
 """A prompt leaves its replica when that one has this many more requests in flight than the
 least busy healthy one."""
-_MAX_BLOCKS = 1 << 17
-"""Prefix blocks remembered (least recently used forgotten first): about 16 MB of prompts."""
+_MAX_BLOCKS = 1 << 16
+"""Prefix blocks remembered, least recently used forgotten first: 8 MB of prompt text, for about
+8 MB of memory (64 chains in flight with 20,000-character prompts need a sixth of it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +116,7 @@ class ReplicaRouter:
         # Block hash -> (the replica that last served a prompt with that prefix, whether some
         # prompt's last whole block was that one: a prompt matching it extends that prompt).
         self._owners: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        self._marks = [((i, False), (i, True)) for i in range(len(replicas))]  # shared, not per block
         self._turn = 0
 
     def status(self) -> list[ReplicaStatus]:
@@ -215,7 +217,7 @@ class ReplicaRouter:
         owners = self._owners
         for depth, block in enumerate(blocks, start=1):
             ended = depth == len(blocks) or owners.get(block, (index, False))[1]
-            owners[block] = (index, ended)
+            owners[block] = self._marks[index][ended]
             owners.move_to_end(block)
         while len(owners) > _MAX_BLOCKS:
             owners.popitem(last=False)
