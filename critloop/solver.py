@@ -176,6 +176,17 @@ class Solver:
             raise
         self._open = stack
 
+    async def load_models(self) -> None:
+        """Load the in-process models now (not inside the first model call), so that start-up
+        ends before the first run; a model that cannot load raises ConfigError. Models served
+        over HTTP have nothing to load."""
+        from critloop.tools.local_engine import TransformersEngine
+
+        models = [getattr(w, "model", None) for w in (self.policy.writer, self.refiner.writer)]
+        engines = {id(m): m for m in [*models, self.critic.model] if isinstance(m, TransformersEngine)}
+        for engine in engines.values():
+            await asyncio.to_thread(engine.load)
+
     async def aclose(self) -> None:
         """Close what the solver owns (its sandbox pool, HTTP clients, engines' workers); a later
         run opens them again."""

@@ -13,10 +13,10 @@ import csv
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from typing_extensions import TypedDict, Unpack
@@ -29,15 +29,23 @@ from critloop.graphs.refine import RefineContext, RefineGraph, stream_refine
 from critloop.graphs.result import SolveResult
 from critloop.tools.grading import agrade, gold_from_gsm8k
 
+if TYPE_CHECKING:
+    from critloop.graphs.cluster import RayOptions
+
 __all__ = [
+    "BatchMethod",
     "FieldMap",
+    "Item",
+    "MakeRecord",
     "open_checkpointer",
     "Problem",
     "ResultsFile",
     "RunOptions",
     "error_record",
     "load_problems",
+    "record_id",
     "run_batch",
+    "run_method",
     "run_records",
     "solve_record",
 ]
@@ -70,6 +78,11 @@ class Problem(BaseModel):
     gold: str | None
     line: int
     """1-based line (JSONL, CSV data rows) or position (JSON array) in the file."""
+
+    @property
+    def key(self) -> str:
+        """What identifies the problem's record in a results file (see :func:`record_id`)."""
+        return self.id
 
 
 def load_problems(
@@ -265,17 +278,94 @@ def error_record(
 # --------------------------------------------------------------------------- the runner
 
 
+class Item(Protocol):
+    """What a batch runs over: a :class:`Problem`, a ProcessBench sample."""
+
+    @property
+    def key(self) -> Hashable:
+        """What identifies the item's record in the results file (its ``record_key``)."""
+        ...
+
+
+MakeRecord = Callable[[Any], Awaitable[dict[str, Any]]]
+"""What a batch method does with one item: its record (a failure included, as an error record)."""
+
+
+def record_id(record: dict[str, Any]) -> Hashable:
+    """The key of a problem's record: its ``id``."""
+    return record.get("id")
+
+
+class BatchMethod(Protocol):
+    """A batch method as a run opens it: once per process, or once per Ray worker.
+
+    Implementations (``critloop.methods``) are picklable recipes, a config and the method's
+    parameters, so that each Ray worker can open its own models, sandbox pool and clients.
+    """
+
+    def open(self) -> contextlib.AbstractAsyncContextManager[MakeRecord]:
+        """Build the roles (models, sandbox pool) and give the per-item record maker; leaving
+        the context releases them."""
+        ...
+
+    def record_key(self, record: dict[str, Any]) -> Hashable:
+        """The key of a record, equal to its item's ``key`` (what resume skips)."""
+        ...
+
+    def failed(self, item: Any, error: str) -> dict[str, Any]:
+        """The error record of an item that could not be run at all (``error`` says why)."""
+        ...
+
+
 class RunOptions(TypedDict, total=False):
     """How a batch method runs over its problems (see :func:`run_batch`)."""
 
     concurrency: int
-    """Problems in flight at once (default 8)."""
+    """Problems in flight at once (default 8); on Ray, in flight on each worker."""
     resume: bool
     """Skip the ids already in the results file; without it, a non-empty file is an error."""
     bad: Sequence[dict[str, Any]]
     """Error records of bad input records, written first (once)."""
     on_record: Callable[[dict[str, Any]], None] | None
     """Called with each record as it is written (progress display)."""
+
+
+async def run_method(
+    method: BatchMethod,
+    items: Sequence[Item],
+    out: str | Path,
+    *,
+    ray: RayOptions | None = None,
+    **options: Unpack[RunOptions],
+) -> list[dict[str, Any]]:
+    """Run a batch ``method`` over ``items`` into ``out``: in this process, or on a Ray cluster.
+
+    Both ways run the same method and write the same results file, from this process, one
+    record per item, with the same resume (see :func:`run_records`). On Ray, every worker opens
+    the method itself and runs ``concurrency`` items at once; items a lost worker was running
+    run again on another (see :class:`~critloop.graphs.cluster.RayWorkers`).
+
+    Args:
+        method: the recipe of the method (``critloop.methods``).
+        items: what to run (problems, ProcessBench samples).
+        out: the results file (JSONL).
+        ray: where the Ray cluster is and how many workers; None: run here.
+        **options: see :class:`RunOptions`.
+
+    Example:
+        >>> method = RefineMethod(config=load_config("critloop.toml"))  # doctest: +SKIP
+        >>> on_ray = RayOptions(address="auto")  # doctest: +SKIP
+        >>> await run_method(method, problems, "results.jsonl", ray=on_ray)  # doctest: +SKIP
+    """
+    if ray is None:
+        async with method.open() as make_record:
+            return await run_records(items, make_record, out, record_key=method.record_key, **options)
+    from critloop.graphs.cluster import RayWorkers
+
+    per_worker = options.get("concurrency", 8)
+    async with RayWorkers(method, ray, concurrency=per_worker) as workers:
+        options["concurrency"] = per_worker * workers.size
+        return await run_records(items, workers.record, out, record_key=method.record_key, **options)
 
 
 async def run_batch(
@@ -305,20 +395,22 @@ async def run_batch(
 
 
 async def run_records(
-    problems: Sequence[Problem],
-    make_record: Callable[[Problem], Awaitable[dict[str, Any]]],
+    items: Sequence[Item],
+    make_record: MakeRecord,
     out: str | Path,
+    *,
+    record_key: Callable[[dict[str, Any]], Hashable] = record_id,
     **options: Unpack[RunOptions],
 ) -> list[dict[str, Any]]:
-    """The runner under every batch method: ``make_record`` for each problem not yet in
-    ``out``, ``concurrency`` at a time, each record appended as soon as it is made (see
-    :func:`run_batch` for the arguments)."""
+    """The runner under every batch method: ``make_record`` for each item whose key is not yet
+    in ``out``, ``concurrency`` at a time, each record appended as soon as it is made (see
+    :func:`run_batch` for the arguments; ``record_key`` gives a record's key)."""
     concurrency = options.get("concurrency", 8)
     on_record = options.get("on_record")
     if concurrency < 1:
         raise ConfigError("concurrency must be at least 1")
     results = ResultsFile(out)
-    done = {record.get("id") for record in results.open_for_append(resume=options.get("resume", False))}
+    done = {record_key(record) for record in results.open_for_append(resume=options.get("resume", False))}
     written: list[dict[str, Any]] = []
 
     async def emit(record: dict[str, Any]) -> None:
@@ -328,16 +420,16 @@ async def run_records(
             on_record(record)
 
     for record in options.get("bad", ()):
-        if record["id"] not in done:
-            done.add(record["id"])
+        if record_key(record) not in done:
+            done.add(record_key(record))
             await emit(record)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(problem: Problem) -> None:
+    async def one(item: Item) -> None:
         async with gate:
-            await emit(await make_record(problem))
+            await emit(await make_record(item))
 
-    await asyncio.gather(*(one(p) for p in problems if p.id not in done))
+    await asyncio.gather(*(one(item) for item in items if item.key not in done))
     return written
 
 

@@ -36,6 +36,7 @@ from critloop.tools.grading import agrade
 __all__ = [
     "Aggregation",
     "aggregate",
+    "best_of_n_error_record",
     "best_of_n_record",
     "majority_answer",
     "run_best_of_n",
@@ -141,10 +142,7 @@ async def best_of_n_record(
         correct_final = await grade(answers[picked])
         correct_majority = await grade(majority)
     except Exception as exc:  # noqa: BLE001 - one problem's failure is its record, the batch goes on
-        record = error_record(
-            problem.id, f"{type(exc).__name__}: {exc}", problem=problem.problem, gold=problem.gold
-        )
-        return {**record, "method": "best_of_n", "correct_majority": False, "aggregation": aggregation}
+        return best_of_n_error_record(problem, f"{type(exc).__name__}: {exc}", aggregation)
 
     usage = Usage()
     for draft in drafts:
@@ -190,6 +188,12 @@ async def best_of_n_record(
         "usage": usage.model_dump(mode="json"),
         "seconds": time.perf_counter() - started,
     }
+
+
+def best_of_n_error_record(problem: Problem, error: str, aggregation: Aggregation) -> dict[str, Any]:
+    """The Best-of-N record of a problem that could not be solved."""
+    record = error_record(problem.id, error, problem=problem.problem, gold=problem.gold)
+    return {**record, "method": "best_of_n", "correct_majority": False, "aggregation": aggregation}
 
 
 async def _critique(

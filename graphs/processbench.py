@@ -8,9 +8,8 @@ correct samples, and their harmonic mean (F1); the benchmark's score is the mean
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -18,6 +17,7 @@ from typing import Any, Literal, get_args
 from critloop.agent.critic import GenPRMCritic
 from critloop.errors import ConfigError, CritloopError
 from critloop.graphs._results import ResultsFile
+from critloop.graphs.batch import run_records
 
 __all__ = [
     "PAPER_F1",
@@ -26,9 +26,12 @@ __all__ = [
     "Split",
     "SplitMetrics",
     "evaluate_processbench",
+    "failed_line",
     "load_processbench",
     "metrics",
     "read_results",
+    "result_key",
+    "result_line",
 ]
 
 Split = Literal["gsm8k", "math", "olympiadbench", "omnimath"]
@@ -61,6 +64,16 @@ class ProcessBenchRecord:
     steps: tuple[str, ...]
     label: int
     """0-based index of the earliest wrong step; -1 when every step is right."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the sample's line in a results file (see :func:`result_key`)."""
+        return (self.split, self.id)
+
+
+def result_key(line: dict[str, Any]) -> Hashable:
+    """The key of a result line: its (split, id) pair (ids repeat across splits)."""
+    return (line.get("split"), line.get("id"))
 
 
 def _records(rows: Iterable[Any], split: str | None, source: Path) -> list[ProcessBenchRecord]:
@@ -146,47 +159,56 @@ async def evaluate_processbench(
     by a crash is cut before the run appends. A record whose critique fails (endpoint down after
     retries, sandbox gone) is written with ``error`` set.
     """
-    results_file = ResultsFile(out)
-    done = {(r.get("split"), r.get("id")) for r in results_file.open_for_append(resume=True)}
-    todo = [r for r in records if (r.split, r.id) not in done]
-    limit = asyncio.Semaphore(concurrency)
-    results: list[dict[str, Any]] = []
+    return await run_records(
+        records,
+        lambda record: result_line(critic, record, samples=samples),
+        out,
+        record_key=result_key,
+        resume=True,
+        concurrency=concurrency,
+        on_record=on_result,
+    )
 
-    async def one(record: ProcessBenchRecord) -> None:
-        async with limit:
-            line: dict[str, Any] = {"id": record.id, "split": record.split, "label": record.label}
-            try:
-                report = await critic.critique(record.problem, record.steps, samples=samples)
-            except CritloopError as exc:
-                line.update(prediction=None, step_rewards=[], error=f"{type(exc).__name__}: {exc}")
-            else:
-                first = report.first_error
-                line.update(
-                    prediction=-1 if first is None else first,
-                    step_rewards=report.rewards,
-                    tiers=[s.tier for s in report.step_reports],
-                    error=None,
-                    usage=report.usage.model_dump(),
-                    critiques=[
-                        [
-                            {
-                                "text": c.text,
-                                "verdict": c.verdict,
-                                "reward": c.reward,
-                                "forced": c.forced,
-                                "tier": c.tier,
-                            }
-                            for c in s.chains
-                        ]
-                        for s in report.step_reports
-                    ],
-                )
-            await results_file.append(line)
-            results.append(line)
-            on_result(line)
 
-    await asyncio.gather(*(one(r) for r in todo))
-    return results
+async def result_line(
+    critic: GenPRMCritic, record: ProcessBenchRecord, *, samples: int | None = None
+) -> dict[str, Any]:
+    """The result line of one sample: the critic's prediction (the first flagged step, or -1),
+    its step rewards, tiers, usage and critiques; a failed critique is a line with ``error``."""
+    try:
+        report = await critic.critique(record.problem, record.steps, samples=samples)
+    except CritloopError as exc:
+        return failed_line(record, f"{type(exc).__name__}: {exc}")
+    first = report.first_error
+    return {
+        "id": record.id,
+        "split": record.split,
+        "label": record.label,
+        "prediction": -1 if first is None else first,
+        "step_rewards": report.rewards,
+        "tiers": [s.tier for s in report.step_reports],
+        "error": None,
+        "usage": report.usage.model_dump(),
+        "critiques": [
+            [
+                {"text": c.text, "verdict": c.verdict, "reward": c.reward, "forced": c.forced, "tier": c.tier}
+                for c in s.chains
+            ]
+            for s in report.step_reports
+        ],
+    }
+
+
+def failed_line(record: ProcessBenchRecord, error: str) -> dict[str, Any]:
+    """The result line of a sample that could not be critiqued (not counted in the metrics)."""
+    return {
+        "id": record.id,
+        "split": record.split,
+        "label": record.label,
+        "prediction": None,
+        "step_rewards": [],
+        "error": error,
+    }
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,18 @@
 """A scripted OpenAI ``/v1/completions`` responder that plays a policy and a GenPRM critic, for
-end-to-end runs of the CLI against a real HTTP server (:class:`scripted_server.ScriptedServer`)."""
+end-to-end runs of the CLI against a real HTTP server (:class:`scripted_server.ScriptedServer`),
+and the datasets, configs and crashes of those runs."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 
+from model_fixtures import TOKENIZER_DIR
 from scripted_server import Recorded, Reply
 
 SOLUTION = "Multiply first: 3 * 4 = 12.\n\nThen add: 2 + 12 = 14.\n\nThe answer is $\\boxed{14}$."
@@ -44,3 +51,48 @@ def policy_and_critic(
         return Reply(200, body, delay=delay)
 
     return reply
+
+
+def scripted_config(folder: Path, url: str) -> Path:
+    """``folder/critloop.toml``: the policy and a GenPRM critic (one chain) on the scripted server
+    at ``url``, one refinement round, the local sandbox."""
+    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{TOKENIZER_DIR}"\n'
+    config = folder / "critloop.toml"
+    config.write_text(
+        f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'
+        '[budget]\nmax_rounds = 1\n[sandbox]\nbackend = "local"\npool_size = 1\n'
+    )
+    return config
+
+
+def dataset(folder: Path, n: int, *, broken: bool = True) -> Path:
+    """``folder/problems.jsonl``: ``n`` copies of 2 + 3 * 4 (ids q00, q01, ...; q01's gold is the
+    wrong 15), and a last line that is not JSON when ``broken``."""
+    rows = [
+        {"id": f"q{i:02d}", "problem": f"What is 2 + 3 * 4? (copy {i})", "answer": "14"} for i in range(n)
+    ]
+    rows[1]["answer"] = "15"
+    path = folder / "problems.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ("{broken\n" if broken else ""))
+    return path
+
+
+def kill_when_written(args: list[str], out: Path, records: int = 4) -> bytes:
+    """Start the command ``args``, SIGKILL it once ``out`` holds ``records`` finished lines, and
+    return what ``out`` held then."""
+    started = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len([line for line in _lines(out) if line.endswith(b"\n")]) < records:
+            assert started.poll() is None, started.stderr.read() if started.stderr else ""
+            assert time.monotonic() < deadline, f"the command wrote {records} records in 300 s"
+            time.sleep(0.02)  # polling another process's file: there is nothing to await
+        os.kill(started.pid, signal.SIGKILL)
+    finally:
+        started.wait(timeout=30)
+    assert started.returncode == -signal.SIGKILL
+    return out.read_bytes()
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True) if path.exists() else []

@@ -5,16 +5,13 @@ against the same server."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from model_fixtures import TOKENIZER_DIR
-from openai_script import completion, policy_and_critic
+from openai_script import completion, dataset, kill_when_written, policy_and_critic, scripted_config
 from scripted_server import Recorded, Reply, ScriptedServer
 from typer.testing import CliRunner
 
@@ -22,26 +19,6 @@ from critloop.cli import app
 
 CRITLOOP = str(Path(sys.executable).with_name("critloop"))
 GSM8K = Path(__file__).parent / "data" / "problems" / "gsm8k_test.jsonl"  # see data/SOURCES.md
-
-
-def dataset(tmp_path: Path, n: int, *, broken: bool = True) -> Path:
-    rows = [
-        {"id": f"q{i:02d}", "problem": f"What is 2 + 3 * 4? (copy {i})", "answer": "14"} for i in range(n)
-    ]
-    rows[1]["answer"] = "15"
-    path = tmp_path / "problems.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + ("{broken\n" if broken else ""))
-    return path
-
-
-def scripted_config(tmp_path: Path, url: str) -> Path:
-    endpoint = f'kind = "openai"\nbase_url = "{url}/v1"\nmodel = "scripted"\ntokenizer = "{TOKENIZER_DIR}"\n'
-    config = tmp_path / "critloop.toml"
-    config.write_text(
-        f'[policy]\n{endpoint}\n[critic]\n{endpoint}profile = "genprm"\nsamples = 1\n'
-        '[budget]\nmax_rounds = 1\n[sandbox]\nbackend = "local"\npool_size = 1\n'
-    )
-    return config
 
 
 def lines(path: Path) -> list[bytes]:
@@ -65,18 +42,7 @@ def test_a_killed_batch_resumes_with_every_id_once_and_finished_records_untouche
             "--concurrency",
             "2",
         ]
-        first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 300
-            while len(lines(out)) < 4:  # the broken record and a few solved problems
-                assert first.poll() is None, first.stderr.read() if first.stderr else ""
-                assert time.monotonic() < deadline, "the batch wrote nothing in 300 s"
-                time.sleep(0.02)  # polling another process's file: there is nothing to await
-            os.kill(first.pid, signal.SIGKILL)
-        finally:
-            first.wait(timeout=30)
-        before = out.read_bytes()
-        assert first.returncode == -signal.SIGKILL
+        before = kill_when_written(args, out)
         done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     after = out.read_bytes()

@@ -3,7 +3,6 @@ checked against the ``Literal`` types that define them, and loading the config a
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
@@ -16,6 +15,7 @@ from critloop.errors import ConfigError, CritloopError
 
 if TYPE_CHECKING:
     from critloop.config import CritloopConfig
+    from critloop.graphs.cluster import RayOptions
     from critloop.solver import Solver
 
 __all__ = [
@@ -23,6 +23,9 @@ __all__ = [
     "CascadeOption",
     "ConfigOption",
     "ExitCodeGroup",
+    "RayOption",
+    "RayWorkerCpusOption",
+    "RayWorkersOption",
     "TauOption",
     "cascade_overrides",
     "check_cascade_flags",
@@ -30,9 +33,9 @@ __all__ = [
     "console",
     "err",
     "exit_code",
-    "load_models",
     "one_of",
     "print_error",
+    "ray_options",
     "solver_for",
 ]
 
@@ -106,7 +109,7 @@ CascadeOption = Annotated[
     typer.Option(
         "--cascade/--no-cascade",
         help="Critique each step in tiers, the cheapest first: a direct judgement, then an analysis, "
-        "then code, stopping at the first sure one (default: [critic] cascade, off).",
+        "then code, stopping at the first sure one (default: \\[critic] cascade, off).",
     ),
 ]
 TauOption = Annotated[
@@ -149,12 +152,35 @@ def solver_for(config: Path | None, overrides: dict[str, Any]) -> tuple[Critloop
     return cfg, Solver.from_config(cfg)
 
 
-async def load_models(solver: Solver) -> None:
-    """Load the in-process models now (not inside the first model call), so that start-up ends
-    before the loop begins; a model that cannot load is a configuration error."""
-    from critloop.tools.local_engine import TransformersEngine
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run on a Ray cluster (pip install 'critloop\\[ray]'): `local` starts one on this machine, "
+        "`auto` joins the cluster this machine is part of (ray start), HOST:PORT joins that head. "
+        "--concurrency then counts per worker.",
+    ),
+]
+RayWorkersOption = Annotated[
+    int | None, typer.Option("--ray-workers", min=1, help="With --ray: workers (default: one per node).")
+]
+RayWorkerCpusOption = Annotated[
+    float,
+    typer.Option("--ray-worker-cpus", min=0.01, help="With --ray: CPUs each worker reserves in Ray."),
+]
 
-    models = [getattr(w, "model", None) for w in (solver.policy.writer, solver.refiner.writer)]
-    engines = {id(m): m for m in [*models, solver.critic.model] if isinstance(m, TransformersEngine)}
-    for engine in engines.values():
-        await asyncio.to_thread(engine.load)
+
+def ray_options(address: str | None, workers: int | None, worker_cpus: float) -> RayOptions | None:
+    """The Ray options of ``--ray``, ``--ray-workers`` and ``--ray-worker-cpus``; None without ``--ray``.
+
+    Raises:
+        ConfigError: a ``--ray-*`` flag without ``--ray``, or an address ``--ray`` does not take.
+    """
+    from critloop.graphs.cluster import RayOptions
+
+    if address is None:
+        if workers is not None or worker_cpus != 1.0:
+            raise ConfigError("--ray-workers and --ray-worker-cpus need --ray")
+        return None
+    return RayOptions(address=address, workers=workers, worker_cpus=worker_cpus)

@@ -11,24 +11,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import gc
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
 import typer
 from rich.text import Text
 
-from critloop.cli._common import ConfigOption, choices_help, console, err, load_models, one_of, solver_for
+from critloop.cli._common import (
+    ConfigOption,
+    RayOption,
+    RayWorkerCpusOption,
+    RayWorkersOption,
+    check_cascade_flags,
+    choices_help,
+    console,
+    err,
+    one_of,
+    ray_options,
+)
 from critloop.cli.report import print_report
 from critloop.errors import ConfigError
 from critloop.graphs.bon import Aggregation
 
 if TYPE_CHECKING:
-    from critloop.graphs.batch import Problem, RunOptions
-    from critloop.solver import Solver
+    from critloop.config import CritloopConfig
+    from critloop.graphs.batch import BatchMethod
 
 DataArgument = Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL), one record per problem.")]
@@ -63,6 +73,9 @@ class BatchOptions:
     problem_field: FieldOption = None
     answer_field: FieldOption = None
     id_field: FieldOption = None
+    ray: RayOption = None
+    ray_workers: RayWorkersOption = None
+    ray_worker_cpus: RayWorkerCpusOption = 1.0
 
 
 def batch_method(command: Callable[..., None]) -> Callable[..., None]:
@@ -100,8 +113,8 @@ def batch_method(command: Callable[..., None]) -> Callable[..., None]:
 _BATCH_DEFAULTS = BatchOptions()
 _BON_DEFAULTS = BatchOptions(concurrency=4)  # each problem has n samples in flight
 
-Method = Callable[["Solver", Sequence["Problem"], "RunOptions"], Awaitable[object]]
-"""A batch method: runs the problems with the solver's roles, writing one record each."""
+MethodFor = Callable[["CritloopConfig", bool], "BatchMethod"]
+"""A batch method's recipe for a config, and whether the run is on Ray."""
 
 
 @batch_method
@@ -118,16 +131,15 @@ def batch(
     from their checkpoints (``OUT.checkpoints.sqlite``) with ``--resume``. At the end the summary
     is printed and ``OUT``'s report (Markdown and PNG plots) is written next to it.
     """
-    from critloop.graphs.batch import open_checkpointer, run_batch
-    from critloop.graphs.refine import build_refine_graph
+    from critloop.methods import RefineMethod
 
-    async def refine_each(solver: Solver, problems: Sequence[Problem], run: RunOptions) -> None:
-        async with open_checkpointer(out.with_suffix(".checkpoints.sqlite")) as saver:
-            graph = build_refine_graph(checkpointer=saver)
-            await run_batch(graph, solver.context(), problems, out, **run)
+    def refine(cfg: CritloopConfig, on_ray: bool) -> BatchMethod:
+        # Ray's nodes share no checkpoint file: there, an interrupted problem starts over.
+        checkpoints = None if on_ray else out.with_suffix(".checkpoints.sqlite")
+        return RefineMethod(config=cfg, checkpoints=checkpoints)
 
     overrides = {"critic.samples": samples, "budget.max_rounds": max_rounds}
-    _run_method(refine_each, data, out, options, overrides)
+    _run_method(refine, data, out, options, overrides)
     print_report(out, f"refine loop: {data.name}")
 
 
@@ -148,12 +160,12 @@ def bon(
     its step rewards is graded, next to the first sample alone and the answers' majority vote.
     """
     from critloop.graphs.batch import ResultsFile
-    from critloop.graphs.bon import run_best_of_n
+    from critloop.methods import BestOfNMethod
 
     scoring: Aggregation = one_of("--aggregation", aggregation, Aggregation)
 
-    async def best_of_n(solver: Solver, problems: Sequence[Problem], run: RunOptions) -> None:
-        await run_best_of_n(solver.policy, solver.critic, problems, out, n=n, aggregation=scoring, **run)
+    def best_of_n(cfg: CritloopConfig, on_ray: bool) -> BatchMethod:
+        return BestOfNMethod(config=cfg, n=n, aggregation=scoring)
 
     _run_method(best_of_n, data, out, options, {"critic.samples": samples})
     print_report(out, f"best-of-{n} ({aggregation}): {data.name}")
@@ -164,12 +176,14 @@ def bon(
 
 
 def _run_method(
-    method: Method, data: Path, out: Path, options: BatchOptions, overrides: dict[str, Any]
+    method_for: MethodFor, data: Path, out: Path, options: BatchOptions, overrides: dict[str, Any]
 ) -> None:
-    """Run ``method`` over the problems of ``data`` into ``out``, with the solver of the config
-    and ``overrides``, showing its progress."""
-    from critloop.graphs.batch import FieldMap, ResultsFile, RunOptions, load_problems
+    """Run a batch method over the problems of ``data`` into ``out``, here or on Ray (``--ray``),
+    with the config and ``overrides``, showing its progress."""
+    from critloop.config import load_config
+    from critloop.graphs.batch import FieldMap, ResultsFile, load_problems, run_method
 
+    ray = ray_options(options.ray, options.ray_workers, options.ray_worker_cpus)
     problems, bad = load_problems(
         data,
         fields=FieldMap(problem=options.problem_field, answer=options.answer_field, id=options.id_field),
@@ -181,18 +195,25 @@ def _run_method(
         err.print(Text.assemble(("skipped: ", "yellow"), record["error"]), soft_wrap=True)
     if not problems and not bad:
         raise ConfigError(f"{data} holds no problems")
-    _, solver = solver_for(options.config, overrides)
+    cfg = load_config(options.config, overrides)
+    check_cascade_flags(cfg, overrides.get("critic.tau"))
+    method = method_for(cfg, ray is not None)
     done_before = len({r.get("id") for r in ResultsFile(out).open_for_append(resume=options.resume)})
+    if ray is not None:
+        err.print(f"on Ray ({ray.address}): {options.concurrency} problems in flight per worker")
 
     async def run() -> None:
-        async with solver:
-            await load_models(solver)
-            gc.freeze()  # what start-up loaded stays out of the collector's full passes
-            with _BatchProgress(len(problems) + len(bad), done_before) as progress:
-                run = RunOptions(
-                    concurrency=options.concurrency, resume=options.resume, bad=bad, on_record=progress.record
-                )
-                await method(solver, problems, run)
+        with _BatchProgress(len(problems) + len(bad), done_before) as progress:
+            await run_method(
+                method,
+                problems,
+                out,
+                ray=ray,
+                concurrency=options.concurrency,
+                resume=options.resume,
+                bad=bad,
+                on_record=progress.record,
+            )
 
     asyncio.run(run())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,6 +12,9 @@ from rich.table import Table
 from critloop.cli._common import (
     CascadeOption,
     ConfigOption,
+    RayOption,
+    RayWorkerCpusOption,
+    RayWorkersOption,
     TauOption,
     cascade_overrides,
     check_cascade_flags,
@@ -20,6 +22,7 @@ from critloop.cli._common import (
     console,
     err,
     one_of,
+    ray_options,
 )
 from critloop.errors import ConfigError
 from critloop.graphs.processbench import SPLITS, Split
@@ -52,54 +55,54 @@ def eval_processbench(
     out: Annotated[
         Path, typer.Option(help="Per-sample results (JSONL); ids already in it are skipped.")
     ] = Path("results/processbench.jsonl"),
-    concurrency: Annotated[int, typer.Option(min=1, help="Solutions critiqued at once.")] = 8,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Solutions critiqued at once (per worker with --ray).")
+    ] = 8,
     critic_logprobs: Annotated[
         str | None, typer.Option(help=f"What the critic server's logprobs are: {choices_help(LogprobsMode)}.")
     ] = None,
     cascade: CascadeOption = None,
     tau: TauOption = None,
+    ray: RayOption = None,
+    ray_workers: RayWorkersOption = None,
+    ray_worker_cpus: RayWorkerCpusOption = 1.0,
 ) -> None:
     """Run the critic on ProcessBench and print error / correct accuracy and F1 per split."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from critloop.agent.critic import GenPRMCritic
     from critloop.config import load_config
-    from critloop.graphs.processbench import PAPER_F1, evaluate_processbench, metrics, read_results
-    from critloop.sandbox import SandboxPool
+    from critloop.graphs.batch import run_method
+    from critloop.graphs.processbench import PAPER_F1, metrics, read_results
+    from critloop.methods import ProcessBenchMethod
 
     wanted_split = one_of("--split", split, Split, "all")
     logprobs = None if critic_logprobs is None else one_of("--critic-logprobs", critic_logprobs, LogprobsMode)
+    on_ray = ray_options(ray, ray_workers, ray_worker_cpus)
     cfg = load_config(config, {"critic.logprobs": logprobs, **cascade_overrides(cascade, tau)})
     check_cascade_flags(cfg, tau)
     records = _processbench_records(data, wanted_split, limit)
+    method = ProcessBenchMethod(config=cfg, samples=n)
 
     async def run() -> None:
-        async with SandboxPool(cfg.sandbox) as pool:
-            critic = GenPRMCritic.from_config(cfg.critic, pool)
-            # Everything loaded so far (tokenizer, torch) lives for the whole run: keep it out of
-            # the garbage collector's full passes, which otherwise stall the event loop ~0.25 s.
-            gc.freeze()
-            try:
-                with Progress(
-                    TextColumn("processbench"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeElapsedColumn(),
-                    console=err,
-                ) as progress:
-                    task = progress.add_task("critique", total=len(records))
-                    done = {(r.get("split"), r.get("id")) for r in read_results(out)}
-                    progress.update(task, completed=sum((r.split, r.id) in done for r in records))
-                    await evaluate_processbench(
-                        critic,
-                        records,
-                        out,
-                        samples=n,
-                        concurrency=concurrency,
-                        on_result=lambda _line: progress.advance(task),
-                    )
-            finally:
-                await critic.model.aclose()
+        with Progress(
+            TextColumn("processbench"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress:
+            task = progress.add_task("critique", total=len(records))
+            done = {(r.get("split"), r.get("id")) for r in read_results(out)}
+            progress.update(task, completed=sum((r.split, r.id) in done for r in records))
+            await run_method(
+                method,
+                records,
+                out,
+                ray=on_ray,
+                resume=True,
+                concurrency=concurrency,
+                on_record=lambda _line: progress.advance(task),
+            )
 
     asyncio.run(run())
     wanted = {(r.split, r.id) for r in records}

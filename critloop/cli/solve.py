@@ -20,7 +20,6 @@ from critloop.cli._common import (
     choices_help,
     console,
     err,
-    load_models,
     one_of,
     solver_for,
 )
@@ -111,7 +110,7 @@ def solve(
         async def run() -> SolveResult:
             result: SolveResult | None = None
             async with solver:
-                await load_models(solver)
+                await solver.load_models()
                 pool = solver.critic.sandbox
                 backend = pool.status() if pool is not None else None
                 view.header(
