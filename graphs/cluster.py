@@ -167,7 +167,9 @@ class RayWorkers:
 
     async def __aenter__(self) -> RayWorkers:
         self._ray = ray = _import_ray()
-        await asyncio.to_thread(self._connect)
+        # In this thread, which Ray requires to install its SIGTERM handler (a few seconds of
+        # start-up, before any item runs).
+        self._connect()
         try:
             count = self.options.workers or sum(1 for node in ray.nodes() if node.get("Alive"))
             free = ray.available_resources().get("CPU", 0.0)
@@ -228,7 +230,7 @@ class RayWorkers:
             return
         address = self.options.address
         # Workers' output stays in Ray's logs (/tmp/ray/session_latest/logs), not over the progress.
-        settings: dict[str, Any] = {"log_to_driver": False, "logging_level": "WARNING"}
+        settings: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
         if address == "local":
             settings["include_dashboard"] = False
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -206,7 +207,7 @@ def test_a_driver_killed_mid_run_resumes_on_the_cluster_with_every_id_once(
 
 
 @pytest.mark.slow
-def test_processbench_on_a_local_ray_instance_gives_the_lines_of_a_local_run(tmp_path: Path) -> None:
+def test_processbench_on_the_cluster_gives_the_lines_of_a_local_run(tmp_path: Path, cluster: Any) -> None:
     records = load_processbench(PROCESSBENCH)
     data = tmp_path / "gsm8k.jsonl"
     data.write_text(
@@ -228,7 +229,7 @@ def test_processbench_on_a_local_ray_instance_gives_the_lines_of_a_local_run(tmp
                 "--out",
                 str(tmp_path / "there.jsonl"),
                 "--ray",
-                "local",
+                cluster.address,
                 "--ray-workers",
                 "2",
             ],
@@ -252,3 +253,35 @@ def test_processbench_on_a_local_ray_instance_gives_the_lines_of_a_local_run(tmp
         "gsm8k",
         "x",
     )
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_on_a_local_ray_instance(tmp_path: Path) -> None:
+    """The README's Python example, as written, in a folder holding its files: a Ray instance
+    of its own (``local``), even beside the module's cluster."""
+    readme = (TESTS.parent / "README.md").read_text()
+    [code] = [
+        block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "RayOptions(" in block
+    ]
+    dataset(tmp_path, 4)
+    with ScriptedServer(default=policy_and_critic()) as server:
+        scripted_config(tmp_path, server.url)
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = ResultsFile(tmp_path / "results.jsonl").records()
+    assert sorted(r["id"] for r in records) == ["problems:5", "q00", "q01", "q02", "q03"]
+    assert [r["correct_final"] for r in sorted(records, key=lambda r: r["id"])] == [
+        False,
+        True,
+        False,
+        True,
+        True,
+    ]

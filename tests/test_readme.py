@@ -34,7 +34,10 @@ NEEDS_SERVERS = {
     "from langgraph_sdk import get_client": "a `langgraph dev` server",
 }
 # Run by other suites, against servers they start.
-RUN_ELSEWHERE = {"from openai import OpenAI": "tests/test_server.py, against a scripted critloop serve"}
+RUN_ELSEWHERE = {
+    "from openai import OpenAI": "tests/test_server.py, against a scripted critloop serve",
+    'on_ray = RayOptions(address="local")': "tests/test_ray.py, on a local Ray instance, scripted models",
+}
 MARKERS = [*EXACT, THREE_LINES, STREAMING, *NEEDS_SERVERS, *RUN_ELSEWHERE]
 
 # The streaming example reads critloop.toml from its working directory: here, the embedded model in
@@ -126,7 +129,14 @@ def test_the_readme_graph_diagram_is_the_one_the_graph_draws() -> None:
 
 
 def test_the_readme_config_file_is_a_valid_config(tmp_path: Path) -> None:
-    toml, replicas = [b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[critic]" in b]
+    toml, replicas, at_scale = [
+        b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[critic]" in b
+    ]
+    path = tmp_path / "critloop.toml"
+    path.write_text(at_scale)  # Running at scale: the policy on one server, the critic on two
+    cfg = load_config(path)
+    assert cfg.policy.base_url == "http://gpu-1:8000/v1" and cfg.critic.samples == 8
+    assert cfg.critic.base_url == ["http://gpu-1:8001/v1", "http://gpu-1:8002/v1"]
     path = tmp_path / "critloop.toml"
     path.write_text(replicas)
     urls = ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1"]
