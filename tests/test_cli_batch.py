@@ -113,7 +113,7 @@ def test_a_batch_on_the_embedded_model_with_the_docker_sandbox(tmp_path: Path) -
     data.write_text("".join(GSM8K.read_text().splitlines(keepends=True)[:2]))
     config = tmp_path / "critloop.toml"
     config.write_text(
-        "[policy]\nmax_tokens = 160\n[critic]\nsamples = 1\nmax_critique_tokens = 200\ncode_rounds = 1\n"
+        "[policy]\nmax_tokens = 128\n[critic]\nsamples = 1\nmax_critique_tokens = 128\ncode_rounds = 1\n"
         "forced_judgement_tokens = 8\n[budget]\nmax_rounds = 1\n[refine]\nmax_step_tokens = 64\n"
         '[sandbox]\nbackend = "docker"\npool_size = 1\n'
     )

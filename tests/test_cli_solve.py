@@ -369,7 +369,7 @@ def test_json_on_the_embedded_model(embedded: CachedModel, tmp_path: Path) -> No
     config = tmp_path / "critloop.toml"
     config.write_text(
         "[policy]\nmax_tokens = 128\n\n"
-        "[critic]\nmax_critique_tokens = 256\ncode_rounds = 1\n\n"
+        "[critic]\nmax_critique_tokens = 128\ncode_rounds = 1\nforced_judgement_tokens = 8\n\n"
         "[refine]\nmax_step_tokens = 64\n\n"
         "[sandbox]\npool_size = 1\n"
     )

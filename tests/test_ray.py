@@ -124,16 +124,13 @@ async def test_a_ray_run_writes_the_records_of_a_local_run(tmp_path: Path, clust
             assert outcome(there) == outcome(here), name
             assert {r["answer"] for r in there} == {"14", "15", None}  # None: the broken line
             assert {r["stop_reason"] for r in there} == {"all_steps_pass", "error"}
-        async with RayWorkers(RefineMethod(config=cfg), on_ray, concurrency=2) as workers:
-            assert workers.size == 2  # one per node
-            assert len(set(workers.hosts)) == 2
 
 
 @pytest.mark.slow
 async def test_a_node_removed_mid_run_loses_no_problem_and_repeats_none(tmp_path: Path, cluster: Any) -> None:
-    problems, _ = load_problems(dataset(tmp_path, 16, broken=False))
+    problems, _ = load_problems(dataset(tmp_path, 12, broken=False))
     out = tmp_path / "results.jsonl"
-    with ScriptedServer(default=policy_and_critic(delay=0.2, solution=wrong_every_third)) as server:
+    with ScriptedServer(default=policy_and_critic(delay=0.1, solution=wrong_every_third)) as server:
         cfg = load_config(scripted_config(tmp_path, server.url))
         await run_method(RefineMethod(config=cfg), problems, tmp_path / "local.jsonl", concurrency=4)
         [other] = cluster.worker_nodes
@@ -143,8 +140,10 @@ async def test_a_node_removed_mid_run_loses_no_problem_and_repeats_none(tmp_path
             if len(ResultsFile(out).records()) >= 3 and not removal:
                 removal.append(asyncio.ensure_future(asyncio.to_thread(cluster.remove_node, other)))
 
-        options = RayOptions(address=cluster.address, workers=2)
-        async with RayWorkers(RefineMethod(config=cfg), options, concurrency=2) as workers:
+        async with RayWorkers(
+            RefineMethod(config=cfg), RayOptions(address=cluster.address), concurrency=2
+        ) as workers:
+            assert workers.size == 2 and len(set(workers.hosts)) == 2  # one per node by default
             await run_records(problems, workers.record, out, concurrency=4, on_record=remove_after_three)
             lost = list(workers.losses)
         await asyncio.gather(*removal)
@@ -189,20 +188,20 @@ def test_a_driver_killed_mid_run_resumes_on_the_cluster_with_every_id_once(
         args += ["--concurrency", "2", "--ray", cluster.address]
         before = kill_when_written(args, out)
         done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600, check=False)
-        local = tmp_path / "local.jsonl"
-        alone = subprocess.run(
-            [CRITLOOP, "batch", str(data), "--config", str(config), "--out", str(local)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert alone.returncode == 0, alone.stderr[-3000:]
     assert out.read_bytes().startswith(before[: before.rfind(b"\n") + 1])  # finished lines unchanged
     records = ResultsFile(out).records()
     assert sorted(r["id"] for r in records) == sorted([f"q{i:02d}" for i in range(12)] + ["problems:13"])
-    assert outcome(records) == outcome(ResultsFile(local).records())
+    # What a run of these problems gives (a local run gives the same: the first test): copies
+    # 0, 3, 6 and 9 answer 15, the others 14; q01's gold is 15.
+    answers = {f"q{i:02d}": "15" if i % 3 == 0 else "14" for i in range(12)}
+    by_id = {r["id"]: r for r in records}
+    assert {i: by_id[i]["answer"] for i in answers} == answers
+    assert [i for i in answers if by_id[i]["correct_final"]] == [
+        i for i, answer in answers.items() if answer == ("15" if i == "q01" else "14")
+    ]
+    assert {by_id[i]["stop_reason"] for i in answers} == {"all_steps_pass"}
+    assert by_id["problems:13"]["stop_reason"] == "error"
     assert f"on Ray ({cluster.address})" in done.stderr
 
 
