@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     from critloop.agent._chain import Chain
     from critloop.agent.budget import UsageMeter
     from critloop.agent.critic import GenPRMCritic
+    from critloop.sandbox import ExecResult
 
-__all__ = ["TIERS", "ChainCritique", "CodeRun", "CritiqueTier", "StepCritique"]
+__all__ = ["TIERS", "ChainCritique", "CodeRun", "CritiqueTier", "StepCritique", "shown_output"]
 
 _CODE_BLOCK = re.compile(r"```python\s*(.*?)\s*```", re.DOTALL)
 
@@ -306,13 +307,21 @@ class StepCritique:
         code = blocks[-1].strip()
         session = await self._chain.before_exec()
         result = await session.exec(code, timeout=self._config.code_timeout_seconds)
-        output = result.stdout.strip()
-        if result.status == "timeout":
-            output = CODE_TIMEOUT
-        elif result.status != "ok":
-            error = CODE_ERROR.format(error=result.error or result.status)
-            output = f"{output}\n{error}" if output else error
-        limit = self._config.max_code_output_chars
-        if len(output) > limit:
-            output = output[:limit] + f"\n... ({len(output) - limit} more characters not shown)"
-        return CodeRun(code=code, output=output, status=result.status)
+        return CodeRun(
+            code=code, output=shown_output(result, self._config.max_code_output_chars), status=result.status
+        )
+
+
+def shown_output(result: ExecResult, limit: int) -> str:
+    """What a model is shown of a code run after ``[Code Output]``: its output, or the executor
+    message GenPRM saw for code that failed or timed out, cut to ``limit`` characters (with a
+    marker)."""
+    output = result.stdout.strip()
+    if result.status == "timeout":
+        output = CODE_TIMEOUT
+    elif result.status != "ok":
+        error = CODE_ERROR.format(error=result.error or result.status)
+        output = f"{output}\n{error}" if output else error
+    if len(output) > limit:
+        output = output[:limit] + f"\n... ({len(output) - limit} more characters not shown)"
+    return output

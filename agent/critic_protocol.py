@@ -25,6 +25,7 @@ __all__ = [
     "SYSTEM_PROMPT",
     "VERIFY_PREFIX",
     "conversation",
+    "finished_critique",
 ]
 
 CriticProfile = Literal["genprm", "instruct"]
@@ -101,3 +102,24 @@ def conversation(
         if index < k - 1:
             messages.append({"role": "assistant", "content": critiques[index]})
     return messages
+
+
+def finished_critique(paragraph: int, analysis: str, verification: str, correct: bool) -> str:
+    """A whole critique of paragraph ``paragraph`` (1-based) in the protocol's form, as the critic
+    would have written it: the analysis; the verification (code blocks, each followed by its
+    ``[Code Output]``, and comments), when there is one; the judgement. Training data is made of
+    these (``critloop synth``).
+
+    Example:
+        >>> text = finished_critique(1, "4 * 3 is 12.", "```python\\nprint(4 * 3)\\n```", True)
+        >>> text.startswith(ANALYZE_PREFIX.format(k=1)), text.endswith("{Yes}$\\n" + OUTPUT_STOP)
+        (True, True)
+    """
+    text = f"{ANALYZE_PREFIX.format(k=paragraph)}{analysis.strip()}\n{ANALYZE_STOP}"
+    verification = verification.strip()
+    fence = verification.find("```python")
+    if fence >= 0:
+        # The protocol's verify prefix holds the lead-in and the first block's opening fence.
+        lead = VERIFY_PREFIX[: VERIFY_PREFIX.index("```python")]
+        text += f"{lead}{verification[fence:]}\n</verify>\n"
+    return f"{text}{OUTPUT_PREFIX}{{{'Yes' if correct else 'No'}}}$\n{OUTPUT_STOP}"
