@@ -12,6 +12,7 @@ from critloop.agent.budget import Budget
 from critloop.agent.critic import CriticConfig
 from critloop.agent.policy import RefineMode
 from critloop.errors import ConfigError
+from critloop.graphs.synth import SynthConfig
 from critloop.sandbox import SandboxConfig
 from critloop.tools.endpoint import EndpointConfig
 
@@ -52,6 +53,13 @@ class CritloopConfig(BaseModel):
     """Limits of one refine run."""
     refine: RefineConfig = Field(default_factory=lambda: RefineConfig())
     """How flagged steps are refined."""
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    """How ``critloop synth`` makes training data."""
+
+    @property
+    def teacher(self) -> EndpointConfig:
+        """The endpoint of the teacher of ``critloop synth``: ``[synth.teacher]``, else the policy's."""
+        return self.synth.teacher or self.policy
 
     @property
     def refiner_endpoint(self) -> EndpointConfig:

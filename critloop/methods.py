@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,17 @@ from critloop.graphs.batch import (
 from critloop.graphs.bon import Aggregation, aggregate, best_of_n_error_record, best_of_n_record
 from critloop.graphs.processbench import ProcessBenchRecord, failed_line, result_key, result_line
 from critloop.graphs.refine import build_refine_graph
+from critloop.graphs.synth import (
+    Stage,
+    StageItem,
+    failed_record,
+    monte_carlo,
+    sample_paths,
+    teacher_rationales,
+)
 from critloop.solver import Solver
 
-__all__ = ["BestOfNMethod", "ProcessBenchMethod", "RefineMethod"]
+__all__ = ["BestOfNMethod", "ProcessBenchMethod", "RefineMethod", "SynthMethod"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +150,98 @@ class ProcessBenchMethod:
 
     def failed(self, item: ProcessBenchRecord, error: str) -> dict[str, Any]:
         return failed_line(item, error)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthMethod:
+    """A stage of ``critloop synth`` over problems (``paths``) or the previous stage's records
+    (``mc``, ``rationales``): one record per problem.
+
+    The policy's endpoint samples the paths and completes the prefixes; the teacher
+    (``[synth.teacher]``, else the policy's endpoint) writes the rationales, its code running
+    in the config's sandbox. ``requests`` bounds the model requests in flight in this process
+    (on Ray, on each worker): a problem of the ``mc`` stage sends many at once.
+    """
+
+    config: CritloopConfig
+    """The models, the sandbox and ``[synth]``."""
+    stage: Stage
+    """Which stage (see :data:`~critloop.graphs.synth.Stage`)."""
+    requests: int = 64
+    """Model requests in flight at most."""
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[MakeRecord]:
+        """The stage's model (and the teacher's sandbox pool), and the record maker of one item."""
+        import asyncio
+
+        from critloop.agent.teacher import Teacher
+        from critloop.sandbox import SandboxPool
+        from critloop.tools.chat_template import ChatTemplate
+        from critloop.tools.endpoint import build_completion_model
+        from critloop.tools.local_engine import TransformersEngine
+
+        cfg, synth = self.config, self.config.synth
+        endpoint = cfg.teacher if self.stage == "rationales" else cfg.policy
+        gate = asyncio.Semaphore(self.requests)
+        model = build_completion_model(endpoint)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(model.aclose)
+            template = ChatTemplate.from_pretrained(endpoint.tokenizer_ref)
+            if isinstance(model, TransformersEngine):
+                await asyncio.to_thread(model.load)
+            make_record: MakeRecord
+            if self.stage == "rationales":
+                pool = await stack.enter_async_context(SandboxPool(cfg.sandbox))
+                teacher = Teacher(
+                    model,
+                    template,
+                    sandbox=pool,
+                    sampling=endpoint.sampling(max_tokens=synth.teacher_max_tokens),
+                    samples=synth.teacher_samples,
+                    code_runs=synth.teacher_code_runs,
+                    code_timeout_seconds=cfg.critic.code_timeout_seconds,
+                    max_code_output_chars=cfg.critic.max_code_output_chars,
+                    gate=gate,
+                )
+
+                async def make_record(item: StageItem) -> dict[str, Any]:
+                    return await _or_failed(teacher_rationales(teacher, item.record), item.record)
+
+            elif self.stage == "mc":
+
+                async def make_record(item: StageItem) -> dict[str, Any]:
+                    return await _or_failed(
+                        monte_carlo(model, template, item.record, synth, gate=gate), item.record
+                    )
+
+            else:
+
+                async def make_record(item: Problem) -> dict[str, Any]:
+                    problem = {"id": item.id, "problem": item.problem, "gold": item.gold}
+                    return await _or_failed(sample_paths(model, template, item, synth, gate=gate), problem)
+
+            gc.freeze()
+            yield make_record
+
+    def record_key(self, record: dict[str, Any]) -> Hashable:
+        return record_id(record)
+
+    def failed(self, item: Problem | StageItem, error: str) -> dict[str, Any]:
+        record = (
+            item.record
+            if isinstance(item, StageItem)
+            else {"id": item.id, "problem": item.problem, "gold": item.gold}
+        )
+        return failed_record(record, error)
+
+
+async def _or_failed(making: Awaitable[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """The record ``making`` makes, or the failed record of the problem ``record`` names."""
+    try:
+        return await making
+    except Exception as exc:  # noqa: BLE001 - one problem's failure is its record, the run goes on
+        return failed_record(record, f"{type(exc).__name__}: {exc}")
 
 
 async def _started(solver: Solver) -> None:

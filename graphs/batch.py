@@ -357,6 +357,11 @@ async def run_method(
         >>> on_ray = RayOptions(address="auto")  # doctest: +SKIP
         >>> await run_method(method, problems, "results.jsonl", ray=on_ray)  # doctest: +SKIP
     """
+    if options.get("resume"):
+        done = {method.record_key(record) for record in ResultsFile(out).records()}
+        keys = [*(item.key for item in items), *(method.record_key(r) for r in options.get("bad", ()))]
+        if all(key in done for key in keys):
+            return []  # nothing left: no models to load, no cluster to join
     if ray is None:
         async with method.open() as make_record:
             return await run_records(items, make_record, out, record_key=method.record_key, **options)

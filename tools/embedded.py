@@ -191,6 +191,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     plain = type(loaded)(loaded.config)
     plain.load_state_dict(loaded.state_dict())
     plain.config.architectures = [type(loaded).__name__]
+    # The weights are dequantized: a GGUF quantization config left in config.json makes trainers
+    # take the model for a quantized one and refuse to fine-tune it.
+    if hasattr(plain.config, "quantization_config"):
+        del plain.config.quantization_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
