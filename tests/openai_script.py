@@ -96,3 +96,54 @@ def kill_when_written(args: list[str], out: Path, records: int = 4) -> bytes:
 
 def _lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True) if path.exists() else []
+
+
+def policy_and_teacher() -> Callable[[Recorded], Reply]:
+    """Answers ``critloop synth``'s requests by what each prompt asks, ``n`` choices each, the
+    same for the same prompt and choice index: step-forced paths and prefix completions right
+    (answer 14) at even indices and wrong (15) at odd ones; a teacher that checks paragraph 1
+    with ``print(3 * 4)``, paragraph 2 with ``print(2 + 12)``, and answers -1."""
+
+    def reply(request: Recorded) -> Reply:
+        body = json.loads(request.body)
+        prompt, n = body["prompt"], int(body.get("n") or 1)
+        if "<paragraph_1>" in prompt:
+            runs = prompt.count("[Code Output]\n")
+            if runs < 2:
+                verified = ("It multiplies.", "print(3 * 4)") if runs == 0 else ("It adds.", "print(2 + 12)")
+                lead = "" if runs == 0 else "It prints 12.\n</verify>\n"
+                text = (
+                    f"{lead}### Paragraph {runs + 1}\n<analyze>\n{verified[0]}\n</analyze>\n"
+                    f"<verify>\n```python\n{verified[1]}\n```\n"
+                )
+                stop: str | None = "\n```\n"
+            else:
+                text, stop = "It prints 14.\n</verify>\nNo paragraph is wrong: $\\boxed{-1}$.", None
+            texts = [text] * n
+        elif prompt.endswith("Step 1: "):
+            texts = [
+                f"3 * 4 = 12.\nStep 2: 2 + 12 = {14 + i % 2}, so $\\boxed{{{14 + i % 2}}}$." for i in range(n)
+            ]
+            stop = None
+        else:  # a prefix to complete
+            texts = [f"2: So the answer is $\\boxed{{{14 + i % 2}}}$." for i in range(n)]
+            stop = None
+        choices = [
+            {"index": i, "text": t, "finish_reason": "stop", "stop_reason": stop} for i, t in enumerate(texts)
+        ]
+        usage = {
+            "prompt_tokens": len(prompt) // 4,
+            "completion_tokens": sum(max(1, len(t) // 4) for t in texts),
+        }
+        return Reply(
+            200,
+            {
+                "id": "cmpl-scripted",
+                "object": "text_completion",
+                "model": "scripted",
+                "choices": choices,
+                "usage": usage,
+            },
+        )
+
+    return reply

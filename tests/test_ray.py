@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from openai_script import dataset, kill_when_written, policy_and_critic, scripted_config
+from openai_script import dataset, kill_when_written, policy_and_critic, policy_and_teacher, scripted_config
 from ray_methods import PoisonedMethod
 from scripted_server import ScriptedServer
 from typer.testing import CliRunner
@@ -40,6 +40,18 @@ def wrong_every_third(prompt: str) -> str:
     answer = 15 if copy % 3 == 0 else 14
     return (
         f"Multiply first: 3 * 4 = 12.\n\nThen add: 2 + 12 = {answer}.\n\nThe answer is $\\boxed{{{answer}}}$."
+    )
+
+
+def on_two_workers(args: list[str], cluster: Any) -> subprocess.CompletedProcess[str]:
+    """``critloop ARGS`` run on two workers of ``cluster``, as a user runs it."""
+    return subprocess.run(
+        [CRITLOOP, *args, "--ray", cluster.address, "--ray-workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
     )
 
 
@@ -221,23 +233,7 @@ def test_processbench_on_the_cluster_gives_the_lines_of_a_local_run(tmp_path: Pa
         config = scripted_config(tmp_path, server.url)
         common = ["eval", "processbench", "--data", str(data), "--config", str(config)]
         here = runner.invoke(app, [*common, "--out", str(tmp_path / "here.jsonl")])
-        there = subprocess.run(
-            [
-                CRITLOOP,
-                *common,
-                "--out",
-                str(tmp_path / "there.jsonl"),
-                "--ray",
-                cluster.address,
-                "--ray-workers",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-        )
+        there = on_two_workers([*common, "--out", str(tmp_path / "there.jsonl")], cluster)
     assert here.exit_code == 0, here.output
     assert there.returncode == 0, there.stderr[-3000:]
 
@@ -284,3 +280,36 @@ def test_the_readme_example_runs_on_a_local_ray_instance(tmp_path: Path) -> None
         True,
         True,
     ]
+
+
+@pytest.mark.slow
+def test_synth_on_the_cluster_writes_the_records_of_a_local_run(tmp_path: Path, cluster: Any) -> None:
+    """``critloop synth run --ray``: every stage on two workers, the same records as here."""
+    data = dataset(tmp_path, 4, broken=False)
+    runner = CliRunner()
+    with ScriptedServer(default=policy_and_teacher()) as server:
+        config = scripted_config(tmp_path, server.url)
+        config.write_text(
+            config.read_text()
+            + "[synth]\npaths = 2\nbatch = 2\npass_samples = 4\nteacher_samples = 2\n"
+            + "[synth.rollouts]\nhard = 2\nmedium = 2\neasy = 2\n"
+        )
+        common = ["synth", "run", str(data), "--config", str(config)]
+        here = runner.invoke(app, [*common, "--out-dir", str(tmp_path / "here")])
+        there = on_two_workers([*common, "--out-dir", str(tmp_path / "there")], cluster)
+    assert here.exit_code == 0, here.output
+    assert there.returncode == 0, there.stderr[-3000:]
+
+    def records(folder: str, stage: str) -> dict[str, Any]:
+        return {r["id"]: r for r in ResultsFile(tmp_path / folder / f"{stage}.jsonl").records()}
+
+    for stage in ("paths", "mc", "rationales"):
+        assert records("there", stage) == records("here", stage) and len(records("here", stage)) == 4
+    labelled = records("here", "mc")["q00"]
+    # Half the completions right: Pass@1 0.5; MC 0.5 after step 1; the wrong path's last step 0.
+    assert labelled["completer_pass_at_1"] == 0.5 and labelled["requests"] == 2
+    assert [p["labels"] for p in labelled["paths"]] == [[1, 1], [1, 0]]
+    assert (tmp_path / "there" / "train.jsonl").read_bytes() == (
+        tmp_path / "here" / "train.jsonl"
+    ).read_bytes()
+    assert json.loads((tmp_path / "there" / "summary.json").read_text())["kept"] == 4  # the right paths

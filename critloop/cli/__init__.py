@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from critloop.cli import eval as eval_commands
-from critloop.cli import models, sandbox
+from critloop.cli import models, sandbox, synth
 from critloop.cli._common import ExitCodeGroup, console
 from critloop.cli.batch import batch, bon
 from critloop.cli.report import report
@@ -31,6 +31,7 @@ app = typer.Typer(
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(eval_commands.app, name="eval")
 app.add_typer(models.app, name="models")
+app.add_typer(synth.app, name="synth")
 app.command("solve")(solve)
 app.command("batch")(batch)
 app.command("bon")(bon)

@@ -38,7 +38,7 @@ from critloop.graphs.bon import Aggregation
 
 if TYPE_CHECKING:
     from critloop.config import CritloopConfig
-    from critloop.graphs.batch import BatchMethod
+    from critloop.graphs.batch import BatchMethod, Problem
 
 DataArgument = Annotated[Path, typer.Argument(help="Problems: a JSONL, JSON or CSV file.")]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL), one record per problem.")]
@@ -175,15 +175,15 @@ def bon(
         console.print(f"answer majority vote over the {n} samples: {majority:.1%}")
 
 
-def _run_method(
-    method_for: MethodFor, data: Path, out: Path, options: BatchOptions, overrides: dict[str, Any]
-) -> None:
-    """Run a batch method over the problems of ``data`` into ``out``, here or on Ray (``--ray``),
-    with the config and ``overrides``, showing its progress."""
-    from critloop.config import load_config
-    from critloop.graphs.batch import FieldMap, ResultsFile, load_problems, run_method
+def load_batch_problems(data: Path, options: BatchOptions) -> tuple[list[Problem], list[dict[str, Any]]]:
+    """The problems of ``data`` as ``options`` pick them, and error records of the bad ones
+    (each named on stderr).
 
-    ray = ray_options(options.ray, options.ray_workers, options.ray_worker_cpus)
+    Raises:
+        ConfigError: ``data`` cannot be read, or holds no problem at all.
+    """
+    from critloop.graphs.batch import FieldMap, load_problems
+
     problems, bad = load_problems(
         data,
         fields=FieldMap(problem=options.problem_field, answer=options.answer_field, id=options.id_field),
@@ -195,6 +195,19 @@ def _run_method(
         err.print(Text.assemble(("skipped: ", "yellow"), record["error"]), soft_wrap=True)
     if not problems and not bad:
         raise ConfigError(f"{data} holds no problems")
+    return problems, bad
+
+
+def _run_method(
+    method_for: MethodFor, data: Path, out: Path, options: BatchOptions, overrides: dict[str, Any]
+) -> None:
+    """Run a batch method over the problems of ``data`` into ``out``, here or on Ray (``--ray``),
+    with the config and ``overrides``, showing its progress."""
+    from critloop.config import load_config
+    from critloop.graphs.batch import ResultsFile, run_method
+
+    ray = ray_options(options.ray, options.ray_workers, options.ray_worker_cpus)
+    problems, bad = load_batch_problems(data, options)
     cfg = load_config(options.config, overrides)
     check_cascade_flags(cfg, overrides.get("critic.tau"))
     method = method_for(cfg, ray is not None)
