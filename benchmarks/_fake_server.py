@@ -23,6 +23,8 @@ writes code once and then says Yes would answer:
   ``\\boxed{14}``, finished by end of sequence;
 * anything else                      -> a short generic answer (``finish_reason`` ``length``).
 
+A request for ``n`` samples gets that answer ``n`` times (paths without ``/r/``).
+
 Answers are vLLM-shaped: ``logprobs`` when asked for (``tokens``, ``token_logprobs``,
 ``top_logprobs``, ``text_offset``) that spell the text exactly, the ``Yes`` decision token with
 the alternatives ``{"Yes": -0.1, "No": -2.4}`` (a sure Yes), or ``{"Yes": -0.6, "No": -0.9}``
@@ -476,6 +478,11 @@ async def serve(
         choice, completion_tokens = canned[
             kind, bool(request.get("include_stop_str_in_output")), request.get("logprobs") is not None
         ]
+        n = int(request.get("n") or 1)
+        if n > 1:  # n samples of one prompt: the same answer n times, as vLLM would send them
+            first = b'"index": 0'
+            choice = b", ".join(choice.replace(first, f'"index": {i}'.encode(), 1) for i in range(n))
+            completion_tokens *= n
         prompt_tokens = max(1, len(prompt) // 4)
         usage = (
             f'{{"prompt_tokens": {prompt_tokens}, "completion_tokens": {completion_tokens}, '
