@@ -14,6 +14,7 @@ import pytest
 
 from critloop import SolveResult, StopReason, load_config
 from critloop.graphs.refine import build_refine_graph
+from critloop.graphs.synth import SynthConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT = README.read_text()
@@ -25,13 +26,14 @@ EXACT = {
     "sympy.solve(x**2 - 5*x + 6, x)": "ok [2, 3]\nx\ntimeout True\n",
     "tool = PythonSandboxTool()": "385\n",
 }
-THREE_LINES = 'Solver.from_config(budget=Budget(max_rounds=1, max_seconds=180)).solve("What is 2 + 3 * 4?")'
+THREE_LINES = 'Solver.from_config(budget=Budget(max_rounds=1, max_seconds=90)).solve("What is 2 + 3 * 4?")'
 STREAMING = 'Solver.from_config("critloop.toml") as solver'
 # These need servers this suite does not run (vLLM with langchain-openai; `langgraph dev`): they
 # are compiled, not run. The langgraph-sdk one was run by hand against `langgraph dev`.
 NEEDS_SERVERS = {
     "from langchain_openai import ChatOpenAI": "a policy and a GenPRM server, and langchain-openai",
     "from langgraph_sdk import get_client": "a `langgraph dev` server",
+    "from trl import SFTConfig, SFTTrainer": "a 7B model from the hub (test_train.py trains the small one)",
 }
 # Run by other suites, against servers they start.
 RUN_ELSEWHERE = {
@@ -95,7 +97,7 @@ def test_readme_example_runs(marker: str, expected: str, tmp_path: Path) -> None
 @pytest.mark.model
 def test_the_three_line_python_api_example_runs_as_written(tmp_path: Path) -> None:
     """The embedded model in every role, the default sandbox (Docker where an engine answers),
-    one refinement round and 180 s at most (a model call in flight when the time is up is cut at
+    one refinement round and 90 s at most (a model call in flight when the time is up is cut at
     its next token)."""
     code = block(THREE_LINES)
     assert code.count("\n") == 3
@@ -152,3 +154,12 @@ def test_the_readme_config_file_is_a_valid_config(tmp_path: Path) -> None:
     )
     assert config.refiner is None and config.refine.mode == "step"
     assert config.sandbox.backend == "docker"
+
+
+def test_the_readme_synth_config_is_a_valid_config(tmp_path: Path) -> None:
+    (synth,) = [b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[synth]" in b]
+    path = tmp_path / "critloop.toml"
+    path.write_text(synth)
+    config = load_config(path)
+    assert config.synth == SynthConfig(teacher=config.synth.teacher)  # the defaults, written out
+    assert config.teacher.model == "Qwen/QwQ-32B" and config.teacher.kind == "openai"
