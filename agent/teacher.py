@@ -21,9 +21,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -175,7 +176,7 @@ class Teacher:
         self.code_runs = code_runs
         self.code_timeout_seconds = code_timeout_seconds
         self.max_code_output_chars = max_code_output_chars
-        self.gate = gate or asyncio.Semaphore(1 << 30)
+        self.gate: contextlib.AbstractAsyncContextManager[Any] = gate or contextlib.nullcontext()
 
     def prompt(self, problem: str, steps: Sequence[str]) -> str:
         """The raw prompt of a critique: the teacher's turn, and the assistant's turn opened."""

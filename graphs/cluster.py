@@ -276,12 +276,13 @@ class RayWorkers:
         """Wait for Ray to restart the worker, open it, and take it back (or give it up)."""
         ray = self._ray
         try:
-            slot.name = await slot.actor.open.remote()
+            # Retried until the actor is back: a call with no retries that meets it while Ray is
+            # still restarting it fails as if it were dead. Ray gives up only once its restarts
+            # are spent.
+            slot.name = await slot.actor.open.options(max_task_retries=-1).remote()
             slot.alive = True
-        except ray.exceptions.RayActorError:
-            slot.gone = True
-        except ray.exceptions.RayTaskError:
-            slot.gone = True  # it restarted but cannot open the method any more
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            slot.gone = True  # its restarts are spent, or it restarted but cannot open the method
         await self._notify()
 
     async def _notify(self) -> None:
