@@ -4,7 +4,7 @@
 # Packages come from requirements.lock, the exact versions CI tested: it is passed as constraints
 # (and build constraints) to every install, so a fresh machine gets what CI ran, and upgrading is a
 # deliberate commit (`make lock`). `make demo` installs only what the demo needs (the `local`
-# extra); `make test` adds the `dev` extra, which builds llama.cpp from source, `ray` and `train`.
+# extra); `make test` adds the `dev` extra, which builds llama.cpp from source, `ray`, `train` and `tracing`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -35,7 +35,7 @@ $(DEMO_STAMP): pyproject.toml $(LOCK)
 	touch $@
 
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(UV_INSTALL) -e '.[local,dev,ray,train]'
+	$(UV_INSTALL) -e '.[local,dev,ray,train,tracing]'
 	touch $@
 
 # The embedded model, cached under the user's cache (works offline once fetched).
@@ -89,7 +89,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) uv
-	$(LOCK_VENV)/bin/uv pip install --quiet --python $(LOCK_VENV)/bin/python -e '.[local,dev,ray,train]' setuptools scikit-build-core
+	$(LOCK_VENV)/bin/uv pip install --quiet --python $(LOCK_VENV)/bin/python -e '.[local,dev,ray,train,tracing]' setuptools scikit-build-core
 	{ echo "# The exact versions CI tested (Python 3.11, Linux x86-64), passed as constraints to every"; \
 	  echo "# install by the Makefile. Regenerate with 'make lock' (a deliberate upgrade): review the diff."; \
 	  $(LOCK_VENV)/bin/uv pip freeze --python $(LOCK_VENV)/bin/python --exclude-editable | sed -e 's/+cpu$$//' -e '/^pip==/d'; \

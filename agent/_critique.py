@@ -36,6 +36,7 @@ from critloop.agent.critic_protocol import (
 from critloop.agent.verdict import RewardSource, Segment, Verdict, find_verdict, reward_for, segment_after
 from critloop.errors import ModelError
 from critloop.tools.completion import Completion, ModelUsage
+from critloop.tools.tracing import traced_complete, traced_exec
 
 if TYPE_CHECKING:
     from critloop.agent._chain import Chain
@@ -283,7 +284,7 @@ class StepCritique:
         if self._meter is not None:
             self._meter.before_call()
         try:
-            result = await self._critic.model.complete(self.prompt + self.text, params)
+            result = await traced_complete(self._critic.model, self.prompt + self.text, params, role="critic")
         except ModelError as error:
             error.role = error.role or "critic"
             raise
@@ -306,7 +307,7 @@ class StepCritique:
             return CodeRun(code="", output=CODE_MISSING, status="missing")
         code = blocks[-1].strip()
         session = await self._chain.before_exec()
-        result = await session.exec(code, timeout=self._config.code_timeout_seconds)
+        result = await traced_exec(session, code, timeout=self._config.code_timeout_seconds)
         return CodeRun(
             code=code, output=shown_output(result, self._config.max_code_output_chars), status=result.status
         )

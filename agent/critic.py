@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,6 +24,7 @@ from critloop.agent.budget import UsageMeter
 from critloop.agent.critic_protocol import DEFAULT_FIRST_STEP_FORMAT, CriticProfile
 from critloop.errors import ConfigError
 from critloop.sandbox import SandboxPool
+from critloop.tools import tracing
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionModel, LogprobsMode, ModelUsage
@@ -381,20 +382,22 @@ class CritiqueRun:
         for index in range(start, len(steps)):
             if scan == "first_error" and any(r.flagged for r in self._reports):
                 break
-            critiques = await self._critique_step(steps, meter)
+            with tracing.span("critic.step", "EVALUATOR", _step_attributes(index, steps[index])) as current:
+                critiques = await self._critique_step(steps, meter)
+                reward = sum(c.reward for c in critiques) / len(critiques)
+                verdicts = {v: sum(c.verdict == v for c in critiques) for v in ("yes", "no", "none")}
+                step_report = StepReport(
+                    index=index,
+                    reward=reward,
+                    flagged=reward < cfg.threshold,
+                    verdicts=verdicts,
+                    chains=tuple(critiques),
+                    tier=max((c.tier for c in critiques), key=TIERS.index),
+                )
+                tracing.record(current, _report_attributes(step_report))
             for chain, critique in zip(self._chains, critiques, strict=True):
                 chain.critiques.append(critique)
                 chain.draft = None
-            reward = sum(c.reward for c in critiques) / len(critiques)
-            verdicts = {v: sum(c.verdict == v for c in critiques) for v in ("yes", "no", "none")}
-            step_report = StepReport(
-                index=index,
-                reward=reward,
-                flagged=reward < cfg.threshold,
-                verdicts=verdicts,
-                chains=tuple(critiques),
-                tier=max((c.tier for c in critiques), key=TIERS.index),
-            )
             # A first-error scan stops at a flagged step, and a rewrite starts at that step or
             # before it: the state after it is never a rewind's target.
             needed = not (scan == "first_error" and step_report.flagged)
@@ -462,6 +465,22 @@ class CritiqueRun:
                 chain.snapshot()
             else:
                 chain.snapshots.append(None)
+
+
+def _step_attributes(index: int, step: str) -> dict[str, Any]:
+    return {"critloop.step.index": index, "input.value": step}
+
+
+def _report_attributes(report: StepReport) -> dict[str, Any]:
+    """What a step's span shows of its report: the reward, the verdicts, the tier, the first
+    chain's critique."""
+    return {
+        "output.value": report.chains[0].text if report.chains else "",
+        "critloop.step.reward": report.reward,
+        "critloop.step.flagged": report.flagged,
+        "critloop.step.tier": report.tier,
+        **{f"critloop.step.verdicts.{verdict}": n for verdict, n in report.verdicts.items()},
+    }
 
 
 def _word_ids(tokenizer: object, word: str) -> set[int]:

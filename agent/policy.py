@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from critloop.agent.budget import Role, UsageMeter
 from critloop.agent.steps import join_steps, split_steps
 from critloop.agent.writer import Writer, Written
 from critloop.errors import ModelError
+from critloop.tools import tracing
 from critloop.tools.chat_template import ChatMessage
 
 __all__ = [
@@ -95,11 +97,22 @@ async def _write(
     charged to it after (with a ``meter``)."""
     if meter is not None:
         meter.before_call()
-    try:
-        written = await writer.write(messages, prefix=prefix, max_tokens=max_tokens)
-    except ModelError as error:
-        error.role = error.role or role
-        raise
+    attributes = {"critloop.role": role, "input.value": json.dumps(messages), "critloop.prefix": prefix}
+    with tracing.span(f"{role}.write", "LLM", attributes) as current:
+        try:
+            written = await writer.write(messages, prefix=prefix, max_tokens=max_tokens)
+        except ModelError as error:
+            error.role = error.role or role
+            raise
+        tracing.record(
+            current,
+            {
+                "output.value": written.text,
+                "llm.token_count.prompt": written.prompt_tokens,
+                "llm.token_count.completion": written.completion_tokens,
+                "llm.token_count.total": written.prompt_tokens + written.completion_tokens,
+            },
+        )
     if meter is not None:
         meter.charge(role, written.usage)
     return written

@@ -35,6 +35,7 @@ from critloop.errors import ModelError
 from critloop.tools._concurrency import all_or_nothing
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.completion import CompletionModel, ModelUsage, SamplingParams
+from critloop.tools.tracing import traced_complete, traced_exec
 
 if TYPE_CHECKING:
     from critloop.sandbox import SandboxPool, Session
@@ -202,7 +203,7 @@ class Teacher:
                 )
                 async with self.gate:
                     try:
-                        result = await self.model.complete(prompt + text, params)
+                        result = await traced_complete(self.model, prompt + text, params, role="teacher")
                     except ModelError as error:
                         error.role = error.role or "teacher"
                         raise
@@ -242,7 +243,7 @@ class Teacher:
             return CodeRun(code="", output=CODE_MISSING, status="missing")
         if session is None:
             return CodeRun(code=code, output="(code is not run: no sandbox)", status="missing")
-        result = await session.exec(code, timeout=self.code_timeout_seconds)
+        result = await traced_exec(session, code, timeout=self.code_timeout_seconds)
         return CodeRun(
             code=code, output=shown_output(result, self.max_code_output_chars), status=result.status
         )

@@ -15,6 +15,7 @@ from critloop.errors import ConfigError
 from critloop.graphs.synth import SynthConfig
 from critloop.sandbox import SandboxConfig
 from critloop.tools.endpoint import EndpointConfig
+from critloop.tools.tracing import TracingConfig
 
 __all__ = ["CritloopConfig", "RefineConfig", "load_config"]
 
@@ -55,6 +56,8 @@ class CritloopConfig(BaseModel):
     """How flagged steps are refined."""
     synth: SynthConfig = Field(default_factory=SynthConfig)
     """How ``critloop synth`` makes training data."""
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    """OpenTelemetry traces of the runs (off unless enabled here or by the OTLP variables)."""
 
     @property
     def teacher(self) -> EndpointConfig:

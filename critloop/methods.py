@@ -56,6 +56,9 @@ class RefineMethod:
     """A SQLite file of per-problem checkpoints: a problem interrupted by a crash resumes from its
     last finished node. None: no checkpoints, an interrupted problem starts over (Ray runs: the
     nodes share no file)."""
+    details: int = 0
+    """Keep every judged step's critique and code runs in the record (``critiques``), each text
+    cut to this many characters; 0: leave them out."""
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[MakeRecord]:
@@ -69,7 +72,7 @@ class RefineMethod:
             context = solver.context()
 
             async def make_record(problem: Problem) -> dict[str, Any]:
-                return await solve_record(graph, context, problem)
+                return await solve_record(graph, context, problem, details=self.details)
 
             yield make_record
 

@@ -28,6 +28,7 @@ from critloop.graphs.events import DoneEvent, RunEvent
 from critloop.graphs.refine import RefineContext, RefineGraph, build_refine_graph, stream_refine
 from critloop.graphs.result import SolveResult
 from critloop.sandbox import SandboxPool
+from critloop.tools import tracing
 from critloop.tools.chat_template import ChatTemplate
 from critloop.tools.endpoint import build_completion_models
 
@@ -97,6 +98,8 @@ class Solver:
         :class:`CritloopConfig`, or None for the embedded defaults), owning what it builds.
         Raises ConfigError."""
         cfg = config if isinstance(config, CritloopConfig) else load_config(config)
+        if cfg.tracing.active and not tracing.enabled():
+            tracing.enable(cfg.tracing)
         endpoints = [cfg.policy, cfg.critic, *([cfg.refiner] if cfg.refiner else [])]
         models = build_completion_models(*endpoints)
         writers = [

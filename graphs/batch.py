@@ -24,7 +24,7 @@ from typing_extensions import TypedDict, Unpack
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
 from critloop.graphs._results import ResultsFile
-from critloop.graphs.events import DoneEvent, StepEvent
+from critloop.graphs.events import DoneEvent, SolutionEvent, StepEvent
 from critloop.graphs.refine import RefineContext, RefineGraph, stream_refine
 from critloop.graphs.result import SolveResult
 from critloop.tools.grading import agrade, gold_from_gsm8k
@@ -438,15 +438,30 @@ async def run_records(
     return written
 
 
-async def solve_record(graph: RefineGraph, context: RefineContext, problem: Problem) -> dict[str, Any]:
-    """One problem's record: the run's result, graded, with the steps the critic judged."""
+async def solve_record(
+    graph: RefineGraph, context: RefineContext, problem: Problem, *, details: int = 0
+) -> dict[str, Any]:
+    """One problem's record: the run's result, graded, with the steps the critic judged.
+
+    With ``details`` > 0 the record also holds ``critiques``: every step the critic judged, in
+    order, with the round of the solution it belongs to (0: the first), the step, its reward,
+    verdict, tier, the start of the critique and the code the critic ran with its output (what
+    ``critloop view`` shows), each text cut to ``details`` characters.
+    """
     critiqued: list[list[Any]] = []
+    critiques: list[dict[str, Any]] = []
+    steps: list[str] = []
+    round_number = 0
     result: SolveResult | None = None
     try:
         async for event in stream_refine(graph, context, problem.problem, thread_id=problem.id):
             match event:
+                case SolutionEvent():
+                    steps, round_number = event.steps, event.round
                 case StepEvent(reused=False):
                     critiqued.append([event.reward, event.flagged])
+                    if details:
+                        critiques.append(_critique_detail(event, round_number, steps, details))
                 case DoneEvent():
                     result = event.result
     except Exception as exc:  # noqa: BLE001 - one problem's failure is its record, the batch goes on
@@ -467,6 +482,29 @@ async def solve_record(graph: RefineGraph, context: RefineContext, problem: Prob
             "correct_final": await agrade(result.answer, problem.gold),
             "correct_by_round": correct_by_round,
             "critiqued": critiqued,
+            **({"critiques": critiques} if details else {}),
         }
     )
     return record
+
+
+def _critique_detail(event: StepEvent, round_number: int, steps: Sequence[str], limit: int) -> dict[str, Any]:
+    """A judged step as ``critiques`` keeps it, each text cut to ``limit`` characters."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= limit else text[:limit] + "..."
+
+    return {
+        "round": round_number,
+        "index": event.index,
+        "step": cut(steps[event.index]) if event.index < len(steps) else "",
+        "reward": event.reward,
+        "flagged": event.flagged,
+        "verdict": event.verdict,
+        "tier": event.tier,
+        "critique": cut(event.critique),
+        "code_runs": [
+            {"code": cut(run.code), "output": cut(run.output), "status": run.status}
+            for run in event.code_runs
+        ],
+    }

@@ -21,10 +21,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from critloop.agent.critic import CritiqueTier
+from critloop.agent.critic import CodeRun, CritiqueTier
 from critloop.graphs.result import SolveResult
 
 __all__ = [
+    "CODE_PREVIEW",
     "CRITIQUE_PREVIEW",
     "DoneEvent",
     "RefinedEvent",
@@ -37,6 +38,8 @@ __all__ = [
 
 CRITIQUE_PREVIEW = 280
 """Characters of a critique's analysis carried by a :class:`StepEvent`."""
+CODE_PREVIEW = 1000
+"""Characters of each code block, and of its output, carried by a :class:`StepEvent`."""
 
 
 class _Event(BaseModel):
@@ -74,6 +77,9 @@ class StepEvent(_Event):
     """The start of the analysis of the chain most sure the step is wrong."""
     tier: CritiqueTier = "code"
     """The tier of the critic's cascade that decided the step (``code``: the full protocol)."""
+    code_runs: tuple[CodeRun, ...] = ()
+    """The code that chain ran to check the step and what it printed, each cut to
+    :data:`CODE_PREVIEW` characters."""
 
 
 class RefiningEvent(_Event):

@@ -39,6 +39,7 @@ from critloop.errors import BudgetExceededError, ConfigError, CritloopError
 from critloop.graphs import events
 from critloop.graphs.events import DoneEvent, RunEvent, StepEvent
 from critloop.graphs.result import ErrorSource, RoundRecord, SolveResult, error_source
+from critloop.tools import tracing
 
 __all__ = [
     "BestSolution",
@@ -311,10 +312,16 @@ class _Nodes:
         number = len(state["rounds"]) + 1
         steps = state["steps"]
         writer(events.RefiningEvent(round=number, index=index, step=steps[index]).to_json())
+        attributes = {"critloop.round": number, "critloop.step.index": index, "input.value": steps[index]}
         async with _NodeRun.resume(roles.budget, state, _live_run()) as node:
-            refinement = await roles.refiner.refine(
-                state["run_problem"], steps, index, analysis, meter=node.meter
-            )
+            with tracing.span("refine.round", "CHAIN", attributes) as current:
+                refinement = await roles.refiner.refine(
+                    state["run_problem"], steps, index, analysis, meter=node.meter
+                )
+                tracing.record(
+                    current,
+                    {"output.value": refinement.rewrite, "critloop.solution": join_steps(refinement.steps)},
+                )
             record: RoundRecord = {
                 "round": number,
                 "index": index,
@@ -382,6 +389,15 @@ def _step_event(report: StepReport) -> StepEvent:
         reused=report.reused,
         critique=_preview(preview, events.CRITIQUE_PREVIEW),
         tier=report.tier,
+        code_runs=tuple(
+            run.model_copy(
+                update={
+                    "code": _preview(run.code, events.CODE_PREVIEW),
+                    "output": _preview(run.output, events.CODE_PREVIEW),
+                }
+            )
+            for run in doubter.code_runs
+        ),
     )
 
 
@@ -510,10 +526,12 @@ async def stream_refine(
         # Else nothing usable was saved (a kill before the first node finished): start over.
     output: dict[str, Any] = {"problem": problem}
     finished = False
+    run_span = tracing.start("critloop.solve", "CHAIN", {"input.value": problem, "session.id": thread_id})
     try:
-        async for part in graph.astream(
+        parts = graph.astream(
             graph_input, config, context=context, stream_mode=["custom", "values"], version="v2"
-        ):
+        )
+        async for part in tracing.within(run_span, parts):
             if part["type"] == "custom":
                 yield events.parse_event(part["data"])
             elif part["type"] == "values":
@@ -522,6 +540,16 @@ async def stream_refine(
     finally:
         if not finished:
             live.release()  # abandoned or failed: nothing may be awaited here
+        # From the output as it stands: a run abandoned or failed has no whole result.
+        tracing.end(
+            run_span,
+            {
+                "output.value": output.get("answer"),
+                "critloop.stop_reason": output.get("stop_reason") or ("error" if finished else "unfinished"),
+                "critloop.rounds": len(output.get("rounds") or ()),
+                "critloop.error": output.get("error"),
+            },
+        )
     await live.finish()
     yield DoneEvent(result=_result(output))
 

@@ -45,6 +45,7 @@ from critloop.tools.chat_template import ChatMessage, ChatTemplate
 from critloop.tools.completion import Completion, CompletionModel, ModelUsage, SamplingParams
 from critloop.tools.endpoint import EndpointConfig
 from critloop.tools.grading import agrade
+from critloop.tools.tracing import traced_complete
 
 if TYPE_CHECKING:
     from critloop.graphs.batch import Problem
@@ -303,7 +304,7 @@ class _Sampler:
         params = SamplingParams(max_tokens=self.config.max_tokens, temperature=self.config.temperature, n=n)
         async with self.gate:
             try:
-                result = await self.model.complete(prompt, params)
+                result = await traced_complete(self.model, prompt, params, role="policy")
             except ModelError as error:
                 error.role = error.role or "policy"
                 raise

@@ -13,7 +13,7 @@ from critloop.agent.critic import CriticConfig, GenPRMCritic
 from critloop.agent.policy import Policy, Refiner
 from critloop.agent.writer import CompletionWriter
 from critloop.errors import ConfigError
-from critloop.graphs.batch import FieldMap, ResultsFile, load_problems, run_batch
+from critloop.graphs.batch import FieldMap, Problem, ResultsFile, load_problems, run_batch, solve_record
 from critloop.graphs.refine import RefineContext, build_refine_graph
 from critloop.sandbox import SandboxPool
 from critloop.tools.chat_template import ChatTemplate
@@ -236,3 +236,27 @@ def test_a_hub_dataset_id_loads_from_the_hub_cache(tmp_path: Path, monkeypatch: 
         load_problems("acme/not-cached")
     with pytest.raises(ConfigError, match=r"pick one data file"):
         load_problems("acme/tiny-math:data/missing.jsonl")
+
+
+async def test_with_details_a_record_keeps_each_judged_step_its_critique_and_code(
+    template, local_pool
+) -> None:  # type: ignore[no-untyped-def]
+    problem = Problem(id="p0", problem="What is 2 + 3 * 4?", gold="14", line=1)
+    graph = build_refine_graph()
+    record = await solve_record(graph, context(template, local_pool), problem, details=20)
+    judged = record["critiques"]
+    # The first solution's steps 1 and 2 (flagged), then the refined one's steps 2 and 3.
+    assert [(c["round"], c["index"], c["flagged"]) for c in judged] == [
+        (0, 0, False),
+        (0, 1, True),
+        (1, 1, False),
+        (1, 2, False),
+    ]
+    assert [c["reward"] for c in judged] == [r for r, _ in record["critiqued"]]
+    assert judged[1]["step"] == "Then 2 + 12 = 15." and judged[2]["step"] == "Then 2 + 12 = 14."  # 17 characters
+    assert judged[1]["verdict"] == "no" and judged[1]["tier"] == "code"
+    assert all(len(c["critique"]) <= 23 for c in judged) and judged[1]["critique"].endswith("...")
+    (run,) = judged[1]["code_runs"]
+    assert run["status"] == "ok" and run["code"] and len(run["output"]) <= 23
+    without = await solve_record(graph, context(template, local_pool), problem)
+    assert "critiques" not in without

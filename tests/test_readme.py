@@ -163,3 +163,12 @@ def test_the_readme_synth_config_is_a_valid_config(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.synth == SynthConfig(teacher=config.synth.teacher)  # the defaults, written out
     assert config.teacher.model == "Qwen/QwQ-32B" and config.teacher.kind == "openai"
+
+
+def test_the_readme_tracing_config_is_a_valid_config(tmp_path: Path) -> None:
+    (traced,) = [b for b in re.findall(r"```toml\n(.*?)```", TEXT, flags=re.DOTALL) if "[tracing]" in b]
+    path = tmp_path / "critloop.toml"
+    path.write_text(traced)
+    config = load_config(path).tracing
+    assert config.active and config.endpoint == "https://cloud.langfuse.com/api/public/otel/v1/traces"
+    assert config.headers == {"Authorization": "Basic ${LANGFUSE_AUTH}"}

@@ -18,6 +18,7 @@ from critloop.cli.batch import batch, bon
 from critloop.cli.report import report
 from critloop.cli.serve import serve
 from critloop.cli.solve import solve
+from critloop.cli.view import view
 
 __all__ = ["app", "main"]
 
@@ -37,6 +38,7 @@ app.command("batch")(batch)
 app.command("bon")(bon)
 app.command("report")(report)
 app.command("serve")(serve)
+app.command("view")(view)
 
 
 def _print_version(value: bool) -> None:

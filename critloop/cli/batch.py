@@ -124,6 +124,15 @@ def batch(
     options: BatchOptions = _BATCH_DEFAULTS,
     samples: SamplesOption = None,
     max_rounds: MaxRoundsOption = None,
+    details: Annotated[
+        int,
+        typer.Option(
+            "--details",
+            min=0,
+            help="Keep each judged step's critique and code runs in the records (for critloop view), "
+            "each text cut to this many characters; 0 leaves them out.",
+        ),
+    ] = 500,
 ) -> None:
     """Run the refine loop over a dataset: one graded record per problem, resumable, with a report.
 
@@ -136,7 +145,7 @@ def batch(
     def refine(cfg: CritloopConfig, on_ray: bool) -> BatchMethod:
         # Ray's nodes share no checkpoint file: there, an interrupted problem starts over.
         checkpoints = None if on_ray else out.with_suffix(".checkpoints.sqlite")
-        return RefineMethod(config=cfg, checkpoints=checkpoints)
+        return RefineMethod(config=cfg, checkpoints=checkpoints, details=details)
 
     overrides = {"critic.samples": samples, "budget.max_rounds": max_rounds}
     _run_method(refine, data, out, options, overrides)
