@@ -79,6 +79,7 @@ bench: $(TEST_STAMP) sandbox-image models
 	$(BIN)/python benchmarks/bench_batch.py
 	$(BIN)/python benchmarks/bench_batch.py --ray
 	$(BIN)/python benchmarks/bench_synth.py
+	$(BIN)/python benchmarks/bench_view.py
 	$(BIN)/python benchmarks/bench_server.py
 
 # Re-resolve every dependency to its newest allowed release (torch: TORCH_VERSION, the CPU build) in

@@ -124,6 +124,12 @@ def plot_images(records: Sequence[Mapping[str, Any]], summary: BatchSummary, *, 
 # --------------------------------------------------------------------------- the data
 
 
+def _words(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The blank ``text`` starts with, and its words, each with the blank after it."""
+    lead = text[: len(text) - len(text.lstrip())]
+    return lead, re.findall(r"(\S+)(\s*)", text)
+
+
 def word_diff(before: str, after: str) -> list[list[str]]:
     """A word-level diff of two texts, as ``[op, text]`` runs: op ``=`` (kept), ``-`` (only in
     ``before``) or ``+`` (only in ``after``); joining the ``=`` and ``-`` runs gives ``before``,
@@ -133,12 +139,11 @@ def word_diff(before: str, after: str) -> list[list[str]]:
         >>> word_diff("so x = 5", "so x = 6")
         [['=', 'so x = '], ['-', '5'], ['+', '6']]
     """
-    a = re.findall(r"\s+|[^\s]+", before)
-    b = re.findall(r"\s+|[^\s]+", after)
+    lead_a, a = _words(before)
+    lead_b, b = _words(after)
     runs: list[list[str]] = []
 
-    def add(op: str, tokens: Sequence[str]) -> None:
-        text = "".join(tokens)
+    def add(op: str, text: str) -> None:
         if not text:
             return
         if runs and runs[-1][0] == op:
@@ -146,13 +151,28 @@ def word_diff(before: str, after: str) -> list[list[str]]:
         else:
             runs.append([op, text])
 
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    def change(old: str, new: str) -> None:
+        if old == new:
+            add("=", old)
+            return
+        # A blank that ends both sides is kept, not changed.
+        blank = old[len(old.rstrip()) :]
+        blank = blank if blank and new[len(new.rstrip()) :] == blank else ""
+        add("-", old[: len(old) - len(blank)])
+        add("+", new[: len(new) - len(blank)])
+        add("=", blank)
+
+    change(lead_a, lead_b)
+    # Words are compared without their blanks: a blank recurs everywhere, which would slow the
+    # matcher down and tie the diff to spacing.
+    matcher = difflib.SequenceMatcher(None, [w for w, _ in a], [w for w, _ in b], autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
-            add("=", a[i1:i2])
+            for (word, blank_a), (_, blank_b) in zip(a[i1:i2], b[j1:j2], strict=True):
+                add("=", word)
+                change(blank_a, blank_b)
         else:
-            add("-", a[i1:i2])
-            add("+", b[j1:j2])
+            change("".join(w + s for w, s in a[i1:i2]), "".join(w + s for w, s in b[j1:j2]))
     return runs
 
 
@@ -271,7 +291,7 @@ def _usage(value: Any) -> list[list[Any]]:
     return rows
 
 
-def _record_data(record: Mapping[str, Any], strings: _Strings) -> dict[str, Any]:
+def _record_data(record: Mapping[str, Any], number: int, strings: _Strings) -> dict[str, Any]:
     """What the page shows of one record, every text as a string and every step by its id."""
     critiques = _critiques(record)
     initial = _steps(record.get("initial_steps"))
@@ -285,18 +305,21 @@ def _record_data(record: Mapping[str, Any], strings: _Strings) -> dict[str, Any]
     rewards = _list(record.get("step_rewards"))
     rounds = []
     for k, entry in enumerate(rounds_in, start=1):
-        number = entry.get("round") if isinstance(entry.get("round"), int) else k
+        given = entry.get("round")
+        round_number = given if isinstance(given, int) else k
         flagged = _text(entry.get("flagged_step")) or ""
         rewrite = _text(entry.get("rewrite")) or ""
         steps = solutions[k]
         rounds.append(
             {
-                "round": number,
+                "round": round_number,
                 "index": entry.get("index") if isinstance(entry.get("index"), int) else None,
                 "reward": _number(entry.get("reward")),
                 "critique": _text(entry.get("critique")) or "",
                 "diff": word_diff(flagged, rewrite),
-                "steps": _solution(steps, number, critiques, rewards if steps == final else [], strings),
+                "steps": _solution(
+                    steps, round_number, critiques, rewards if steps == final else [], strings
+                ),
             }
         )
     ci, cf = _flag(record.get("correct_initial")), _flag(record.get("correct_final"))
@@ -317,7 +340,7 @@ def _record_data(record: Mapping[str, Any], strings: _Strings) -> dict[str, Any]
         if record.get(key) is not None
     }
     return {
-        "id": _text(record.get("id")) or "",
+        "id": _text(record.get("id")) or f"#{number}",  # a solve result has none
         "problem": _text(record.get("problem")) or "",
         "gold": _text(record.get("gold")),
         "answer": _text(record.get("answer")),
@@ -427,7 +450,7 @@ def render_view(records: list[dict[str, Any]], *, title: str) -> str:
     strings = _Strings()
     data = {
         "graded": graded,
-        "records": [_record_data(record, strings) for record in records],
+        "records": [_record_data(record, n, strings) for n, record in enumerate(records, start=1)],
         "strings": strings.table,
     }
     summary = _summary_html(records, title) if graded else ""
@@ -506,11 +529,13 @@ header{padding:10px 18px;border-bottom:1px solid #d0d7de;background:#f6f8fa}
 h1{font-size:18px;margin:0}
 #summary{padding:6px 18px;border-bottom:1px solid #d0d7de}
 #summary>summary{cursor:pointer;font-weight:600}
-.summary{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start}
-table.kv th{text-align:left;font-weight:500;color:#57606a;padding:1px 12px 1px 0}
+.summary{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start;font-size:13px}
+.summary table.kv{max-width:470px}
+table.kv th{text-align:left;font-weight:500;color:#57606a;padding:1px 12px 1px 0;vertical-align:top}
 table.kv td{padding:1px 0}
 .plots{display:flex;gap:10px;flex-wrap:wrap}
-.plots figure{margin:0}.plots img{width:390px;height:auto;border:1px solid #eee}
+.plots figure{margin:0}.plots img{width:350px;height:auto;border:1px solid #eee}
+.meta{display:flex;gap:28px;flex-wrap:wrap;align-items:flex-start;margin-top:8px;font-size:13px}
 figcaption,.note{font-size:12px;color:#57606a}
 #browser{display:grid;grid-template-columns:360px 1fr;height:100vh;border-top:1px solid #d0d7de}
 #side{display:flex;flex-direction:column;border-right:1px solid #d0d7de;min-height:0}
@@ -538,13 +563,14 @@ table.grid td,table.grid th{border:1px solid #d0d7de;padding:2px 8px;text-align:
 table.grid th:first-child,table.grid td:first-child{text-align:left}
 .step{border-left:5px solid #ccc;border-radius:4px;padding:5px 8px;margin:5px 0}
 .stephead{font-size:12px;color:#57606a}.stephead .reward{font-weight:600;color:#1f2328}
-details.more{font-size:12px;margin-top:3px}details.more>summary{cursor:pointer;color:#0969da}
+details.more{margin-top:3px}details.more>summary{cursor:pointer;color:#0969da;font-size:12px}
 pre{background:#fff;border:1px solid #eaeef2;padding:6px;margin:4px 0;font-size:12px}
 pre.out{background:#f6f8fa}
 .round{border:1px solid #d0d7de;border-radius:6px;padding:8px;margin:8px 0}
 .critique{font-size:13px;color:#57606a;border-left:3px solid #d0d7de;padding-left:8px}
 .diff{margin:6px 0;padding:6px;background:#fff;border:1px solid #eaeef2;white-space:pre-wrap}
-del{background:#ffebe9;color:#82071e}ins{background:#dafbe1;color:#116329;text-decoration:none}
+del{background:#ffebe9;color:#82071e;padding:0 1px}
+ins{background:#dafbe1;color:#116329;text-decoration:none;padding:0 1px;margin-left:1px}
 .muted{color:#57606a}
 </style>
 </head>
@@ -626,10 +652,11 @@ del{background:#ffebe9;color:#82071e}ins{background:#dafbe1;color:#116329;text-d
       badges.appendChild(document.createTextNode("→ "));
       badges.appendChild(mark(r.correct_final));
     }
-    if (r.failed) badges.appendChild(el("span", {cls: "badge err", text: "error"}));
+    var failed = r.failed && r.stop_reason !== "error";  // an error without its stop reason
+    if (failed) badges.appendChild(el("span", {cls: "badge err", text: "error"}));
     var li = el("li", {"data-i": String(i), "data-id": r.id, tabindex: "0"},
       el("span", {cls: "id", text: r.id}), badges,
-      el("span", {cls: "badge", text: r.stop_reason}),
+      el("span", {cls: r.stop_reason === "error" ? "badge err" : "badge", text: r.stop_reason}),
       r.rounds.length ? el("span", {cls: "badge", text: plural(r.rounds.length, "round")}) : null,
       el("div", {cls: "preview", text: r.problem.slice(0, 160)}));
     rows.push(li);
@@ -741,8 +768,8 @@ del{background:#ffebe9;color:#82071e}ins{background:#dafbe1;color:#116329;text-d
   }
   function detail(r) {
     var d = el("div", {cls: "problem-detail"},
-      el("h2", {text: r.id}), el("div", {cls: "problem", text: r.problem}), facts(r));
-    if (r.usage.length) d.append(el("h3", {text: "Usage"}), usage(r));
+      el("h2", {text: r.id}), el("div", {cls: "problem", text: r.problem}),
+      el("div", {cls: "meta"}, facts(r), r.usage.length ? usage(r) : null));
     d.append(el("h3", {text: "Final solution"}), solution(r, r.final));
     if (r.rounds.length) {
       d.appendChild(el("h3", {text: "Refinement rounds"}));

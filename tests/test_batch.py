@@ -253,7 +253,8 @@ async def test_with_details_a_record_keeps_each_judged_step_its_critique_and_cod
         (1, 2, False),
     ]
     assert [c["reward"] for c in judged] == [r for r, _ in record["critiqued"]]
-    assert judged[1]["step"] == "Then 2 + 12 = 15." and judged[2]["step"] == "Then 2 + 12 = 14."  # 17 characters
+    # The steps (17 characters) are within the limit; the critiques are cut to it.
+    assert judged[1]["step"] == "Then 2 + 12 = 15." and judged[2]["step"] == "Then 2 + 12 = 14."
     assert judged[1]["verdict"] == "no" and judged[1]["tier"] == "code"
     assert all(len(c["critique"]) <= 23 for c in judged) and judged[1]["critique"].endswith("...")
     (run,) = judged[1]["code_runs"]

@@ -40,12 +40,11 @@ def view(
     if port is not None and not serve:
         raise ConfigError("--port needs --serve")
     page = write_view(results, out)
-    console.print(f"page: {page}", soft_wrap=True)
+    console.print(f"page: {page}", soft_wrap=True, markup=False)
     if not serve:
         return
     server = make_server(page, DEFAULT_PORT if port is None else port)
-    host, bound = server.server_address[:2]
-    err.print(f"serving http://{host}:{bound}/ (Ctrl-C stops)", soft_wrap=True)
+    err.print(f"serving http://127.0.0.1:{server.server_port}/ (Ctrl-C stops)", soft_wrap=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
