@@ -14,6 +14,9 @@ DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 # How the test suite runs; CI wraps it in .ci/offline (no network once set-up is done).
 PYTEST ?= $(BIN)/pytest
+# Two pytest workers, a test file each at a time (module fixtures such as the Ray cluster stay in
+# one worker): many tests wait on servers, containers and clusters, so two share two cores well.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python --constraints $(LOCK) --build-constraints $(LOCK)
 
 # Native code is built for a portable x86-64 baseline (AVX2/FMA/F16C), never for the build
@@ -60,11 +63,11 @@ lint: $(TEST_STAMP)
 	cd .typecheck && $(CURDIR)/$(BIN)/mypy --config-file ../pyproject.toml -p critloop
 
 test: lint sandbox-image models
-	$(PYTEST)
+	$(PYTEST) $(PYTEST_WORKERS)
 
 # The inner loop: everything but the slow tests (real models, llama.cpp, end-to-end runs).
 test-fast: $(TEST_STAMP) sandbox-image
-	$(PYTEST) -m "not slow"
+	$(PYTEST) $(PYTEST_WORKERS) -m "not slow"
 
 # From a fresh machine to a finished refine loop on the embedded model: the environment, the
 # model, the sandbox image where a Docker engine answers (else the local backend runs the code).
