@@ -833,3 +833,57 @@ async def test_a_thousand_problem_page_lists_them_all_and_builds_a_problem_only_
         assert await browser.evaluate("document.querySelectorAll('#detail .step').length") == 0
         await browser.evaluate(click("[data-id=gsm8k-0999]"))
         assert await browser.evaluate("document.querySelectorAll('#detail .step').length") > 0
+
+
+@pytest.mark.slow
+async def test_a_real_batch_run_is_shown_step_by_step(template, local_pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Records as ``critloop batch`` writes them (scripted models, the real graph, details on):
+    the view shows the refined problem's steps, their rewards, the flagged step's code and the
+    round's diff."""
+    require_chromium()
+    from refine_script import critic_by_content, policy_script
+
+    from critloop.agent.budget import Budget
+    from critloop.agent.critic import CriticConfig, GenPRMCritic
+    from critloop.agent.policy import Policy, Refiner
+    from critloop.agent.writer import CompletionWriter
+    from critloop.graphs.batch import Problem, run_records, solve_record
+    from critloop.graphs.refine import RefineContext, build_refine_graph
+    from critloop.tools.completion import SamplingParams
+
+    writer = CompletionWriter(policy_script(), template, SamplingParams(max_tokens=128))
+    policy = Policy(writer)
+    critic = GenPRMCritic(
+        critic_by_content(lambda step: "15" in step),
+        template,
+        local_pool,
+        CriticConfig(profile="genprm", samples=1),
+    )
+    context = RefineContext(policy=policy, refiner=Refiner(writer, policy), critic=critic, budget=Budget())
+    graph = build_refine_graph()
+    problems = [
+        Problem(id=f"p{i}", problem=f"What is 2 + 3 * 4? (copy {i})", gold="14", line=i) for i in range(2)
+    ]
+    out = tmp_path / "results.jsonl"
+    await run_records(problems, lambda p: solve_record(graph, context, p, details=500), out)
+    async with await Chromium.open() as browser:
+        await browser.navigate(write_view(out).as_uri())
+        await browser.wait_for("document.body.dataset.ready === '1'")
+        assert sorted(await browser.evaluate(ROW_IDS)) == ["p0", "p1"]
+        await browser.evaluate(click("label[for=f-w2r]"))  # both were fixed: 15, then 14
+        assert sorted(await browser.evaluate(ROW_IDS)) == ["p0", "p1"]
+        await browser.evaluate(click("[data-id=p0] .preview"))
+        final = await browser.evaluate(
+            "[...document.querySelectorAll('#detail .problem-detail > .solution .step')]"
+            ".map(s => s.querySelector('.text').textContent)"
+        )
+        assert final == ["First, 3 * 4 = 12.", "Then 2 + 12 = 14.", "The answer is $\\boxed{14}$."]
+        flagged = await browser.evaluate(
+            """(() => { const d = document.querySelector('#detail details.initial'); d.open = true;
+                const s = d.querySelectorAll('.step')[1];
+                return {flagged: !!s.querySelector('.badge.bad'),
+                        code: !!s.querySelector('pre.code'), critique: s.textContent}; })()"""
+        )
+        assert flagged["flagged"] and flagged["code"] and "Checking the claim" in flagged["critique"]
+        assert await browser.evaluate("document.querySelector('#detail del').textContent") == "15."
+        assert await browser.evaluate("document.querySelector('#detail ins').textContent") == "14."
