@@ -108,9 +108,7 @@ async def _write(
             current,
             {
                 "output.value": written.text,
-                "llm.token_count.prompt": written.prompt_tokens,
-                "llm.token_count.completion": written.completion_tokens,
-                "llm.token_count.total": written.prompt_tokens + written.completion_tokens,
+                **tracing.token_counts(written.prompt_tokens, written.completion_tokens),
             },
         )
     if meter is not None:

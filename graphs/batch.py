@@ -24,7 +24,7 @@ from typing_extensions import TypedDict, Unpack
 from critloop.agent.steps import extract_answer, join_steps
 from critloop.errors import ConfigError
 from critloop.graphs._results import ResultsFile
-from critloop.graphs.events import DoneEvent, SolutionEvent, StepEvent
+from critloop.graphs.events import DoneEvent, SolutionEvent, StepEvent, preview
 from critloop.graphs.refine import RefineContext, RefineGraph, stream_refine
 from critloop.graphs.result import SolveResult
 from critloop.tools.grading import agrade, gold_from_gsm8k
@@ -490,21 +490,17 @@ async def solve_record(
 
 def _critique_detail(event: StepEvent, round_number: int, steps: Sequence[str], limit: int) -> dict[str, Any]:
     """A judged step as ``critiques`` keeps it, each text cut to ``limit`` characters."""
-
-    def cut(text: str) -> str:
-        return text if len(text) <= limit else text[:limit] + "..."
-
     return {
         "round": round_number,
         "index": event.index,
-        "step": cut(steps[event.index]) if event.index < len(steps) else "",
+        "step": preview(steps[event.index], limit) if event.index < len(steps) else "",
         "reward": event.reward,
         "flagged": event.flagged,
         "verdict": event.verdict,
         "tier": event.tier,
-        "critique": cut(event.critique),
+        "critique": preview(event.critique, limit),
         "code_runs": [
-            {"code": cut(run.code), "output": cut(run.output), "status": run.status}
+            {"code": preview(run.code, limit), "output": preview(run.output, limit), "status": run.status}
             for run in event.code_runs
         ],
     }

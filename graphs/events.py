@@ -34,12 +34,22 @@ __all__ = [
     "SolutionEvent",
     "StepEvent",
     "parse_event",
+    "preview",
 ]
 
 CRITIQUE_PREVIEW = 280
 """Characters of a critique's analysis carried by a :class:`StepEvent`."""
 CODE_PREVIEW = 1000
 """Characters of each code block, and of its output, carried by a :class:`StepEvent`."""
+
+
+def preview(text: str, limit: int) -> str:
+    """The first ``limit`` characters of ``text``, with ``...`` when it was longer.
+
+    >>> preview("2 + 2 = 4", 5), preview("4", 5)
+    ('2 + 2...', '4')
+    """
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 class _Event(BaseModel):

@@ -380,29 +380,25 @@ def _problem(state: RefineState) -> str:
 def _step_event(report: StepReport) -> StepEvent:
     verdict = max(report.verdicts, key=lambda v: report.verdicts[v])
     doubter = min(report.chains, key=lambda chain: chain.reward)
-    preview = critique_analysis(doubter.text)
+    analysis = critique_analysis(doubter.text)
     return StepEvent(
         index=report.index,
         reward=report.reward,
         verdict=verdict,
         flagged=report.flagged,
         reused=report.reused,
-        critique=_preview(preview, events.CRITIQUE_PREVIEW),
+        critique=events.preview(analysis, events.CRITIQUE_PREVIEW),
         tier=report.tier,
         code_runs=tuple(
             run.model_copy(
                 update={
-                    "code": _preview(run.code, events.CODE_PREVIEW),
-                    "output": _preview(run.output, events.CODE_PREVIEW),
+                    "code": events.preview(run.code, events.CODE_PREVIEW),
+                    "output": events.preview(run.output, events.CODE_PREVIEW),
                 }
             )
             for run in doubter.code_runs
         ),
     )
-
-
-def _preview(text: str, limit: int) -> str:
-    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _better(best: BestSolution | None, report: CritiqueReport) -> BestSolution:

@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -624,9 +626,6 @@ def export_conversations(
     """Write the training conversations of the ``rationales`` stage's ``records`` to ``out``
     (chat ``messages`` JSONL, one conversation a line, by problem id, replaced as a whole) and
     return the run's :func:`summarize` with ``conversations``, the number written."""
-    import json
-    import os
-
     records = sorted(records, key=lambda record: str(record.get("id")))  # the same file, however the run went
     fates: list[DropReason | None] = []
     target = Path(out)

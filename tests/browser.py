@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from model_fixtures import stop_process
 
 WIDTH, HEIGHT = 1280, 900
 
@@ -252,10 +253,5 @@ async def _page_socket(session: aiohttp.ClientSession, port: int, timeout: float
 
 def _stop(process: subprocess.Popen[bytes], profile: Path) -> None:
     if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     shutil.rmtree(profile, ignore_errors=True)

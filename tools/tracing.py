@@ -47,6 +47,7 @@ __all__ = [
     "record",
     "span",
     "start",
+    "token_counts",
     "traced_complete",
     "traced_exec",
     "within",
@@ -213,6 +214,15 @@ async def within(current: Span | None, iterator: AsyncIterator[_T]) -> AsyncIter
         yield item
 
 
+def token_counts(prompt: int, completion: int) -> dict[str, int]:
+    """A model call's token counts as OpenInference names them."""
+    return {
+        "llm.token_count.prompt": prompt,
+        "llm.token_count.completion": completion,
+        "llm.token_count.total": prompt + completion,
+    }
+
+
 async def traced_complete(
     model: CompletionModel, prompt: str, params: SamplingParams, *, role: str
 ) -> CompletionResult:
@@ -232,9 +242,7 @@ async def traced_complete(
             current,
             {
                 "output.value": result.choices[0].text if result.choices else "",
-                "llm.token_count.prompt": result.prompt_tokens,
-                "llm.token_count.completion": result.completion_tokens,
-                "llm.token_count.total": result.prompt_tokens + result.completion_tokens,
+                **token_counts(result.prompt_tokens, result.completion_tokens),
                 "critloop.samples": len(result.choices),
             },
         )

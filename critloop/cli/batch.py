@@ -15,7 +15,7 @@ import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Self, get_type_hints
 
 import typer
 from rich.text import Text
@@ -240,10 +240,11 @@ def _run_method(
     asyncio.run(run())
 
 
-class _BatchProgress:
-    """The live progress of a batch: problems done, running accuracy, rate, tokens, errors."""
+class RecordProgress:
+    """A live bar of the records a run writes, with a line of figures after it; a subclass's
+    ``record`` counts what each record holds and calls :meth:`advance` with its figures."""
 
-    def __init__(self, total: int, done_before: int) -> None:
+    def __init__(self, label: str, total: int, done_before: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
@@ -254,16 +255,27 @@ class _BatchProgress:
             TextColumn("{task.fields[stats]}"),
             console=err,
         )
-        self.task = self.progress.add_task("problems", total=total, completed=done_before, stats="")
-        self.count = self.initial = self.final = self.errors = self.tokens = 0
-        self.started = time.perf_counter()
+        self.task = self.progress.add_task(label, total=total, completed=done_before, stats="")
 
-    def __enter__(self) -> _BatchProgress:
+    def __enter__(self) -> Self:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(None, None, None)
+
+    def advance(self, stats: str) -> None:
+        """One more record written; ``stats`` replaces the figures shown."""
+        self.progress.update(self.task, advance=1, stats=stats)
+
+
+class _BatchProgress(RecordProgress):
+    """The live progress of a batch: problems done, running accuracy, rate, tokens, errors."""
+
+    def __init__(self, total: int, done_before: int) -> None:
+        super().__init__("problems", total, done_before)
+        self.count = self.initial = self.final = self.errors = self.tokens = 0
+        self.started = time.perf_counter()
 
     def record(self, record: dict[str, Any]) -> None:
         self.count += 1
@@ -273,8 +285,7 @@ class _BatchProgress:
         usage = record.get("usage") or {}
         self.tokens += sum(int((usage.get(role) or {}).get("completion_tokens", 0)) for role in usage)
         minutes = max(1e-9, (time.perf_counter() - self.started) / 60)
-        stats = (
+        self.advance(
             f"accuracy {self.initial / self.count:.1%} -> {self.final / self.count:.1%}  "
             f"{self.count / minutes:.1f}/min  {self.tokens:,} tokens  {self.errors} errors"
         )
-        self.progress.update(self.task, advance=1, stats=stats)

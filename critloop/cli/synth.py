@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -28,7 +27,14 @@ from critloop.cli._common import (
     err,
     ray_options,
 )
-from critloop.cli.batch import BatchOptions, DataArgument, ResumeOption, batch_method, load_batch_problems
+from critloop.cli.batch import (
+    BatchOptions,
+    DataArgument,
+    RecordProgress,
+    ResumeOption,
+    batch_method,
+    load_batch_problems,
+)
 from critloop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -254,31 +260,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(costs)
 
 
-class _StageProgress:
+class _StageProgress(RecordProgress):
     """The live progress of a stage: problems done, paths, requests, tokens, failures."""
 
     def __init__(self, stage: str, total: int, done_before: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+        super().__init__(stage, total, done_before)
         self.stage = stage
-        self.progress = Progress(
-            TextColumn(f"[bold]{stage}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=err,
-        )
-        self.task = self.progress.add_task(stage, total=total, completed=done_before, stats="")
         self.paths = self.requests = self.tokens = self.failed = 0
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> _StageProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
 
     def record(self, record: dict[str, Any]) -> None:
         self.failed += bool(record.get("error"))
@@ -286,7 +274,6 @@ class _StageProgress:
         usage = (record.get("usage") or {}).get(self.stage) or {}
         self.requests += int(usage.get("calls", 0))
         self.tokens += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-        stats = (
+        self.advance(
             f"{self.paths:,} paths  {self.requests:,} requests  {self.tokens:,} tokens  {self.failed} failed"
         )
-        self.progress.update(self.task, advance=1, stats=stats)
